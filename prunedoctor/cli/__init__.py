@@ -1,0 +1,1 @@
+"""Typer command-line interface. Modules here import torch only inside commands."""
