@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import mmap
+import os
 import pickletools
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = [
     "STATE_DICT_KEYS",
     "EMA_KEYS",
     "KNOWN_PREFIXES",
+    "PageReleaser",
     "detect_format",
     "find_unsafe_globals",
     "load_checkpoint",
@@ -190,6 +193,7 @@ def find_unsafe_globals(path: Path, file_format: str) -> list[str]:
         return []
     with _allowlisted():
         if file_format == "torch-zip":
+            _check_torch_zip(path)
             try:
                 return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
             except (ValueError, RuntimeError) as error:
@@ -199,14 +203,34 @@ def find_unsafe_globals(path: Path, file_format: str) -> list[str]:
         allowed = set(_weights_only_unpickler._get_allowed_globals()) | set(
             _weights_only_unpickler._get_user_allowed_globals()
         )
+        found: set[str] = set()
         with path.open("rb") as stream:
-            try:
-                # A legacy file is four pickles (magic number, protocol, system
-                # info, the object) followed by raw storage bytes.
-                found = _pickle_globals(stream, 4)
-            except (ValueError, EOFError) as error:
-                raise CheckpointError(f"{path}: corrupt pickle ({error})") from None
+            # A legacy file is four pickles (magic number, protocol, system
+            # info, the object) followed by raw storage bytes. A plain pickle
+            # has one; its globals are listed all the same, so that a
+            # dangerous one is named before anything tries to load it.
+            for position in range(4):
+                try:
+                    found |= _pickle_globals(stream, 1)
+                except (ValueError, EOFError) as error:
+                    if position == 0:
+                        raise CheckpointError(f"{path}: corrupt pickle ({error})") from None
+                    break
     return sorted(name for name in found if name not in allowed)
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Reject a readable zip archive that has no ``data.pkl`` record, so it is no torch.save file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # truncated or corrupt: torch's reader reports it with its own detail
+    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        shown = ", ".join(names[:3]) or "no files"
+        raise CheckpointError(
+            f"{path}: a zip archive without data.pkl ({shown}), so not a checkpoint written by torch.save"
+        )
 
 
 def _torch_load(path: Path, file_format: str, unsafe_load: bool) -> tuple[Any, list[str]]:
@@ -454,3 +478,85 @@ def load_checkpoint(path: str | Path, *, select: str | None = None, unsafe_load:
         loaded_unsafely=unsafe_load and bool(unsafe_globals),
         dropped_entries=dropped,
     )
+
+
+class PageReleaser:
+    """Drops the resident pages of tensors that are memory-mapped from one file.
+
+    ``torch.load(mmap=True)`` and ``safetensors.safe_open`` map the whole
+    file privately. Every page that a computation reads stays in the
+    process's resident set until the mapping is closed, so measuring every
+    tensor of a 700 MB checkpoint would hold 700 MB. Releasing the pages of
+    a tensor after its last use keeps the peak at about one tensor. A later
+    read faults the pages back in from the file.
+
+    Only pages inside a private mapping of this file are released, never
+    anonymous memory. On systems without ``/proc/self/maps`` or
+    ``MADV_DONTNEED``, :meth:`release` does nothing.
+
+    NOTE: ``MADV_DONTNEED`` also drops pages that were written in place,
+    which then read back as the file's bytes. Call :meth:`release` only on
+    tensors that nothing has modified.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        """Find the current private mappings of ``path`` (map the file before creating this)."""
+        self._ranges = _private_mappings(Path(path))
+        self._madvise = _load_madvise() if self._ranges else None
+
+    def is_mapped(self, tensor: torch.Tensor) -> bool:
+        """Return whether the data of ``tensor`` lies inside a private mapping of the file."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        return any(low <= start and end <= high for low, high in self._ranges)
+
+    def release(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Release the whole pages that ``tensors`` occupy inside the file's mappings."""
+        if self._madvise is None:
+            return
+        page = mmap.PAGESIZE
+        for tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            if size < page:
+                continue
+            address = tensor.data_ptr()
+            start = (address + page - 1) // page * page
+            end = (address + size) // page * page
+            if end > start and any(low <= start and end <= high for low, high in self._ranges):
+                self._madvise(start, end - start, mmap.MADV_DONTNEED)
+
+
+def _private_mappings(path: Path) -> list[tuple[int, int]]:
+    """Return the address ranges of the private mappings of ``path`` in this process."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return []
+    try:
+        info = path.stat()
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return []
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}"
+    ranges: list[tuple[int, int]] = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[4] != str(info.st_ino) or fields[3] != device:
+            continue
+        if "p" not in fields[1]:
+            continue
+        low, high = (int(part, 16) for part in fields[0].split("-"))
+        ranges.append((low, high))
+    return ranges
+
+
+def _load_madvise() -> Any:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise

@@ -14,9 +14,10 @@ Every other module asks :func:`effective_tensor` or
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from prunedoctor.errors import ReparametrizationError
 from prunedoctor.findings import Finding
@@ -32,9 +33,15 @@ __all__ = [
     "merge_pair",
     "effective_tensor",
     "effective_state_dict",
+    "iter_effective_tensors",
+    "EffectiveTensor",
     "masks_of",
     "is_binary_mask",
+    "has_mask_dtype",
     "validate_reparametrization",
+    "ParameterStats",
+    "iter_parameter_stats",
+    "measure_parameters",
 ]
 
 ORIG_SUFFIX = "_orig"
@@ -102,7 +109,8 @@ def is_binary_mask(mask: torch.Tensor) -> bool:
         return True
     if mask.is_complex():
         return False
-    return bool(torch.logical_or(mask == 0, mask == 1).all())
+    counter = _ChunkCounter()
+    return all(counter.is_binary(chunk) for (chunk,) in _flat_chunks(mask))
 
 
 def merge_pair(orig: torch.Tensor, mask: torch.Tensor, name: str = "<tensor>") -> torch.Tensor:
@@ -111,13 +119,33 @@ def merge_pair(orig: torch.Tensor, mask: torch.Tensor, name: str = "<tensor>") -
     Raises:
         ReparametrizationError: The shapes differ.
     """
+    return _merge(orig, mask, name, check_mask=False)[0]
+
+
+def _merge(orig: torch.Tensor, mask: torch.Tensor, name: str, *, check_mask: bool) -> tuple[torch.Tensor, bool | None]:
+    """Return ``orig * mask`` and, when ``check_mask``, whether the mask is binary (else None)."""
     if tuple(orig.shape) != tuple(mask.shape):
         raise ReparametrizationError(
             f"cannot merge {name}: {name}{ORIG_SUFFIX} has shape {tuple(orig.shape)} but "
             f"{name}{MASK_SUFFIX} has shape {tuple(mask.shape)}; the mask was saved for "
             "another layer or the file is corrupt"
         )
-    return orig * mask.to(dtype=orig.dtype)
+    import torch
+
+    simple = orig.is_complex() or orig.requires_grad or mask.requires_grad
+    if simple or not (orig.is_contiguous() and mask.is_contiguous()):
+        return orig * mask.to(dtype=orig.dtype), is_binary_mask(mask) if check_mask else None
+    # Chunk by chunk into one new tensor: the same elementwise product, but each
+    # op stays in cache and on one thread (see _CHUNK_ELEMENTS). The mask check
+    # reads each chunk while it is still in cache.
+    merged = torch.empty(orig.shape, dtype=orig.dtype)
+    counter = _ChunkCounter()
+    binary = True if mask.dtype == torch.bool or not check_mask else not mask.is_complex()
+    for merged_chunk, orig_chunk, mask_chunk in _flat_chunks(merged, orig, mask):
+        torch.mul(orig_chunk, mask_chunk.to(dtype=orig.dtype), out=merged_chunk)
+        if check_mask and binary and mask.dtype != torch.bool:
+            binary = counter.is_binary(mask_chunk)
+    return merged, binary if check_mask else None
 
 
 def effective_tensor(
@@ -143,15 +171,39 @@ def effective_tensor(
     raise ReparametrizationError(f"parameter {name!r} not found in the state dict{hint}")
 
 
-def effective_state_dict(
-    state_dict: Mapping[str, torch.Tensor], index: ReparamIndex | None = None
-) -> dict[str, torch.Tensor]:
-    """Return a plain state dict with every pair merged and every mask dropped.
+class EffectiveTensor(NamedTuple):
+    """One entry of a plain state dict, from :func:`iter_effective_tensors`.
 
-    Keys: ``X_orig`` becomes ``X`` at the position of ``X_orig``; ``X_mask`` of
-    a pair and sidecar masks are dropped; orphan origs keep their key (they
-    cannot be merged); every other key and tensor is kept as it is, without
-    a copy.
+    Attributes:
+        key: Key in the plain state dict (``X`` for an ``X_orig``/``X_mask`` pair).
+        tensor: The effective tensor (``X_orig * X_mask`` for a pair).
+        source_keys: Keys read: the pair's ``X_orig`` and ``X_mask``, else ``key`` itself.
+        mask_is_binary: For a pair, whether its mask holds only 0 and 1, when
+            the caller requested the check; else None.
+    """
+
+    key: str
+    tensor: torch.Tensor
+    source_keys: tuple[str, ...]
+    mask_is_binary: bool | None = None
+
+
+def iter_effective_tensors(
+    state_dict: Mapping[str, torch.Tensor], index: ReparamIndex | None = None, *, check_masks: bool = False
+) -> Iterator[EffectiveTensor]:
+    """Yield every entry of the plain state dict, in key order, merging one pair at a time.
+
+    Keys: ``X_orig`` becomes ``X`` at the position of ``X_orig``, merged
+    with ``X_mask``. Masks of pairs and sidecar masks are skipped. Orphan
+    origs and orphan masks keep their keys, because they cannot be merged.
+    Every other key and tensor is yielded as it is, without a copy. One
+    merged tensor exists at a time unless the caller keeps them.
+
+    Args:
+        state_dict: The state dict as loaded.
+        index: Its :func:`index_reparametrization`, computed when omitted.
+        check_masks: Also report whether each pair's mask is binary, checked
+            while the merge reads it.
 
     Raises:
         ReparametrizationError: A pair cannot be merged.
@@ -161,16 +213,32 @@ def effective_state_dict(
     orig_to_name = {orig_key: name for name, (orig_key, _) in index.pairs.items()}
     dropped = {mask_key for _, mask_key in index.pairs.values()}
     dropped.update(index.sidecar_masks.values())
-    merged: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if key in dropped:
             continue
         name = orig_to_name.get(key)
         if name is None:
-            merged[key] = tensor
+            yield EffectiveTensor(key, tensor, (key,))
         else:
-            merged[name] = merge_pair(tensor, state_dict[index.pairs[name][1]], name)
-    return merged
+            mask_key = index.pairs[name][1]
+            merged, binary = _merge(tensor, state_dict[mask_key], name, check_mask=check_masks)
+            yield EffectiveTensor(name, merged, (key, mask_key), binary)
+
+
+def effective_state_dict(
+    state_dict: Mapping[str, torch.Tensor], index: ReparamIndex | None = None
+) -> dict[str, torch.Tensor]:
+    """Return a plain state dict with every pair merged and every mask dropped.
+
+    Keys: ``X_orig`` becomes ``X`` at the position of ``X_orig``. ``X_mask``
+    of a pair and sidecar masks are dropped. Orphan origs and orphan masks
+    keep their key, because they cannot be merged. Every other key and
+    tensor is kept as it is, without a copy.
+
+    Raises:
+        ReparametrizationError: A pair cannot be merged.
+    """
+    return {item.key: item.tensor for item in iter_effective_tensors(state_dict, index)}
 
 
 def masks_of(
@@ -186,7 +254,9 @@ def masks_of(
 
 
 def validate_reparametrization(
-    state_dict: Mapping[str, torch.Tensor], index: ReparamIndex | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    index: ReparamIndex | None = None,
+    stats: Mapping[str, ParameterStats] | None = None,
 ) -> list[Finding]:
     """Return the findings about pairs, orphans and masks, sorted by key.
 
@@ -194,14 +264,20 @@ def validate_reparametrization(
     shape mismatch, PD005 non-binary mask, PD009 a sidecar mask that the
     plain weight does not respect, PD011 a mask of a dtype that is not float,
     bool or integer.
-    """
-    import torch
 
+    Args:
+        state_dict: The state dict as loaded, pairs not merged.
+        index: Its :func:`index_reparametrization`, computed when omitted.
+        stats: Its :func:`measure_parameters`, computed when omitted. Passing
+            the stats that a caller already measured avoids a second pass over
+            every mask.
+    """
     if index is None:
         index = index_reparametrization(state_dict.keys())
+    if stats is None:
+        stats = measure_parameters(state_dict, index)
     findings: list[Finding] = []
     for name, (orig_key, mask_key) in index.pairs.items():
-        orig, mask = state_dict[orig_key], state_dict[mask_key]
         findings.append(
             Finding(
                 "PD001",
@@ -211,16 +287,6 @@ def validate_reparametrization(
                 "to merge them into one tensor",
             )
         )
-        if tuple(orig.shape) != tuple(mask.shape):
-            findings.append(
-                Finding(
-                    "PD004",
-                    "error",
-                    mask_key,
-                    f"{mask_key} has shape {tuple(mask.shape)} but {orig_key} has shape "
-                    f"{tuple(orig.shape)}",
-                )
-            )
     for key in index.orphan_masks:
         findings.append(
             Finding("PD002", "error", key, f"{key} has no {key[: -len(MASK_SUFFIX)]}{ORIG_SUFFIX} beside it")
@@ -229,45 +295,383 @@ def validate_reparametrization(
         findings.append(
             Finding("PD003", "error", key, f"{key} has no {key[: -len(ORIG_SUFFIX)]}{MASK_SUFFIX} beside it")
         )
-    mask_keys = [mask_key for _, mask_key in index.pairs.values()] + list(index.sidecar_masks.values())
-    for mask_key in mask_keys:
-        mask = state_dict[mask_key]
-        if mask.is_complex() or not (mask.is_floating_point() or mask.dtype == torch.bool or _is_integer(mask)):
-            findings.append(Finding("PD011", "error", mask_key, f"{mask_key} has dtype {mask.dtype}"))
-        elif not is_binary_mask(mask):
-            bad = int(torch.logical_not(torch.logical_or(mask == 0, mask == 1)).sum())
-            findings.append(
-                Finding(
-                    "PD005",
-                    "error",
-                    mask_key,
-                    f"{mask_key} has {bad} of {mask.numel()} entries that are neither 0 nor 1",
-                )
-            )
-    for name, mask_key in index.sidecar_masks.items():
-        weight, mask = state_dict[name], state_dict[mask_key]
-        if tuple(weight.shape) != tuple(mask.shape):
-            findings.append(
-                Finding(
-                    "PD004",
-                    "error",
-                    mask_key,
-                    f"{mask_key} has shape {tuple(mask.shape)} but {name} has shape {tuple(weight.shape)}",
-                )
-            )
-            continue
-        revived = int(torch.logical_and(mask == 0, weight != 0).sum())
-        if revived:
-            findings.append(
-                Finding(
-                    "PD009",
-                    "error",
-                    name,
-                    f"{name} is nonzero at {revived} entries where {mask_key} is 0: the mask was never "
-                    "applied, or training revived those entries",
-                )
-            )
+    for item in stats.values():
+        findings.extend(_mask_findings(item, state_dict))
     return sorted(findings, key=lambda f: (f.key, f.code))
+
+
+def _mask_findings(item: ParameterStats, state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
+    """Return PD004, PD011, PD005 and PD009 for the mask of one measured parameter."""
+    if item.mask_key is None:
+        return []
+    mask_key = item.mask_key
+    mask = state_dict[mask_key]
+    value_key = item.keys[0]
+    findings: list[Finding] = []
+    if item.kind != "orphan_mask" and tuple(mask.shape) != item.shape:
+        findings.append(
+            Finding(
+                "PD004",
+                "error",
+                mask_key,
+                f"{mask_key} has shape {tuple(mask.shape)} but {value_key} has shape {item.shape}",
+            )
+        )
+    if not has_mask_dtype(mask):
+        findings.append(
+            Finding(
+                "PD011",
+                "error",
+                mask_key,
+                f"{mask_key} has dtype {_dtype_name(mask.dtype)}; a mask must be float, bool or integer",
+            )
+        )
+    elif item.mask_nonbinary:
+        findings.append(
+            Finding(
+                "PD005",
+                "error",
+                mask_key,
+                f"{mask_key} has {item.mask_nonbinary} of {mask.numel()} entries that are neither 0 nor 1",
+            )
+        )
+    if item.revived:
+        findings.append(
+            Finding(
+                "PD009",
+                "error",
+                item.name,
+                f"{item.name} is nonzero at {item.revived} entries where {mask_key} is 0: the mask was never "
+                "applied, or training revived those entries",
+            )
+        )
+    return findings
+
+
+ParameterKind = Literal["pair", "plain", "orphan_orig", "orphan_mask"]
+
+# Tensors are measured in flat chunks of this many entries. Chunks stay below
+# torch's intra-op grain size (32768), so each op runs on one thread: with
+# two OpenMP threads on a busy machine, thousands of small parallel ops
+# wait at barriers for a descheduled thread. Chunks also keep temporaries
+# in the CPU cache instead of allocating (and page-faulting) full-size ones.
+_CHUNK_ELEMENTS = 1 << 15
+
+
+@dataclass(frozen=True)
+class ParameterStats:
+    """Counts measured on one parameter's effective value and on its mask.
+
+    Attributes:
+        name: Parameter name (``X.weight`` for a ``X.weight_orig``/``X.weight_mask``
+            pair) or, for orphans, the key itself.
+        kind: ``pair``, ``plain`` (a tensor stored as itself, with or without a
+            sidecar mask), ``orphan_orig`` or ``orphan_mask``.
+        keys: State-dict keys that were read, value first, mask last.
+        shape: Shape of the stored value (of the mask for an orphan mask).
+        dtype: Dtype of the stored value without the ``torch.`` prefix.
+        numel: Number of entries.
+        zeros: Zero entries of the effective value (``orig * mask`` for a
+            pair); None when a pair cannot be merged or for an orphan mask.
+        nonfinite: NaN and infinite entries of the stored value.
+        mask_key: Key of the mask that applies, if any.
+        mask_zeros: Zero entries of the mask.
+        mask_nonbinary: Mask entries other than exactly 0 and 1.
+        revived: For a plain tensor with a sidecar mask, entries that are
+            nonzero where the mask is 0.
+    """
+
+    name: str
+    kind: ParameterKind
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    zeros: int | None
+    nonfinite: int
+    mask_key: str | None = None
+    mask_zeros: int | None = None
+    mask_nonbinary: int | None = None
+    revived: int | None = None
+
+    @property
+    def is_floating(self) -> bool:
+        """Whether the value is a floating-point tensor (weights, not counters or indices)."""
+        return self.dtype.startswith(("float", "bfloat"))
+
+    @property
+    def sparsity(self) -> float | None:
+        """Fraction of zero entries of the effective value, or None when it is unknown or empty."""
+        if self.zeros is None or self.numel == 0:
+            return None
+        return self.zeros / self.numel
+
+    @property
+    def mask_sparsity(self) -> float | None:
+        """Fraction of zero entries of the mask, or None without a mask."""
+        if self.mask_zeros is None or self.numel == 0:
+            return None
+        return self.mask_zeros / self.numel
+
+
+def iter_parameter_stats(
+    state_dict: Mapping[str, torch.Tensor], index: ReparamIndex | None = None
+) -> Iterator[ParameterStats]:
+    """Measure every parameter, one at a time, in key order.
+
+    Each pair is measured as one parameter, from ``orig`` and ``mask``
+    without materialising ``orig * mask`` beyond one chunk. Masks of pairs
+    and sidecar masks are measured with the parameter they apply to; orphan
+    masks are measured on their own. Yielding one parameter at a time lets a
+    caller release the pages of a memory-mapped file as it goes.
+    """
+    if index is None:
+        index = index_reparametrization(state_dict.keys())
+    orig_to_name = {orig_key: name for name, (orig_key, _) in index.pairs.items()}
+    paired_masks = {mask_key for _, mask_key in index.pairs.values()}
+    paired_masks.update(index.sidecar_masks.values())
+    orphan_masks = set(index.orphan_masks)
+    orphan_origs = set(index.orphan_origs)
+    counter = _ChunkCounter()
+    for key, tensor in state_dict.items():
+        if key in paired_masks:
+            continue
+        if key in orig_to_name:
+            name = orig_to_name[key]
+            mask_key = index.pairs[name][1]
+            yield _measure_with_mask(counter, name, "pair", key, tensor, mask_key, state_dict[mask_key])
+        elif key in orphan_masks:
+            yield _measure_orphan_mask(counter, key, tensor)
+        elif key in index.sidecar_masks:
+            mask_key = index.sidecar_masks[key]
+            yield _measure_with_mask(counter, key, "plain", key, tensor, mask_key, state_dict[mask_key])
+        else:
+            kind: ParameterKind = "orphan_orig" if key in orphan_origs else "plain"
+            yield _measure_plain(counter, key, kind, tensor)
+
+
+def measure_parameters(
+    state_dict: Mapping[str, torch.Tensor], index: ReparamIndex | None = None
+) -> dict[str, ParameterStats]:
+    """Return parameter name -> :class:`ParameterStats` for every parameter, in key order."""
+    return {item.name: item for item in iter_parameter_stats(state_dict, index)}
+
+
+def _measure_plain(counter: _ChunkCounter, name: str, kind: ParameterKind, tensor: torch.Tensor) -> ParameterStats:
+    nonzero = nonfinite = 0
+    for (chunk,) in _flat_chunks(tensor):
+        chunk_nonfinite = counter.count_nonfinite(chunk)
+        nonfinite += chunk_nonfinite
+        nonzero += counter.count_nonzero(chunk, nan_free=chunk_nonfinite == 0)
+    return ParameterStats(
+        name=name,
+        kind=kind,
+        keys=(name,),
+        shape=tuple(tensor.shape),
+        dtype=_dtype_name(tensor.dtype),
+        numel=tensor.numel(),
+        zeros=tensor.numel() - nonzero,
+        nonfinite=nonfinite,
+    )
+
+
+def _measure_orphan_mask(counter: _ChunkCounter, key: str, mask: torch.Tensor) -> ParameterStats:
+    mask_nonzero, mask_nonbinary = _count_mask(mask, counter)
+    return ParameterStats(
+        name=key,
+        kind="orphan_mask",
+        keys=(key,),
+        shape=tuple(mask.shape),
+        dtype=_dtype_name(mask.dtype),
+        numel=mask.numel(),
+        zeros=None,
+        nonfinite=0,
+        mask_key=key,
+        mask_zeros=mask.numel() - mask_nonzero,
+        mask_nonbinary=mask_nonbinary,
+    )
+
+
+def _measure_with_mask(
+    counter: _ChunkCounter,
+    name: str,
+    kind: ParameterKind,
+    value_key: str,
+    value: torch.Tensor,
+    mask_key: str,
+    mask: torch.Tensor,
+) -> ParameterStats:
+    """Measure a pair (``value`` is ``orig``) or a plain tensor with a sidecar mask."""
+    import torch
+
+    mask_nonzero = mask_nonbinary = value_nonzero = nonfinite = 0
+    revived_count = 0
+    mergeable = tuple(value.shape) == tuple(mask.shape) and has_mask_dtype(mask)
+    if mergeable:
+        # One pass over aligned chunks, so each page of value and mask is read once.
+        for value_chunk, mask_chunk in _flat_chunks(value, mask):
+            chunk_nonzero, chunk_nonbinary = counter.count_mask(mask_chunk)
+            chunk_nonfinite = counter.count_nonfinite(value_chunk)
+            mask_nonzero += chunk_nonzero
+            mask_nonbinary += chunk_nonbinary
+            nonfinite += chunk_nonfinite
+            nan_free = chunk_nonfinite == 0 and chunk_nonbinary == 0
+            if kind == "pair":
+                # The same product that prune.remove computes, one chunk at a time.
+                value_nonzero += counter.count_product_nonzero(value_chunk, mask_chunk, nan_free=nan_free)
+            else:
+                value_nonzero += counter.count_nonzero(value_chunk, nan_free=chunk_nonfinite == 0)
+                revived_count += int(torch.logical_and(mask_chunk == 0, value_chunk != 0).sum())
+    else:
+        mask_nonzero, mask_nonbinary = _count_mask(mask, counter)
+        for (chunk,) in _flat_chunks(value):
+            chunk_nonfinite = counter.count_nonfinite(chunk)
+            nonfinite += chunk_nonfinite
+            value_nonzero += counter.count_nonzero(chunk, nan_free=chunk_nonfinite == 0)
+    # An unmergeable pair has no effective value to count zeros in.
+    zeros = value.numel() - value_nonzero if mergeable or kind == "plain" else None
+    return ParameterStats(
+        name=name,
+        kind=kind,
+        keys=(value_key, mask_key),
+        shape=tuple(value.shape),
+        dtype=_dtype_name(value.dtype),
+        numel=value.numel(),
+        zeros=zeros,
+        nonfinite=nonfinite,
+        mask_key=mask_key,
+        mask_zeros=mask.numel() - mask_nonzero,
+        mask_nonbinary=mask_nonbinary,
+        revived=revived_count if kind == "plain" and mergeable else None,
+    )
+
+
+def _count_mask(mask: torch.Tensor, counter: _ChunkCounter | None = None) -> tuple[int, int]:
+    """Return (nonzero entries, entries other than exactly 0 and 1) of a mask."""
+    counter = counter or _ChunkCounter()
+    nonzero = nonbinary = 0
+    for (chunk,) in _flat_chunks(mask):
+        chunk_nonzero, chunk_nonbinary = counter.count_mask(chunk)
+        nonzero += chunk_nonzero
+        nonbinary += chunk_nonbinary
+    return nonzero, nonbinary
+
+
+class _ChunkCounter:
+    """Exact counts over chunks of at most ``_CHUNK_ELEMENTS`` entries, reusing one buffer per dtype."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def _buffer(self, dtype: torch.dtype, size: int) -> torch.Tensor:
+        import torch
+
+        buffer = self._buffers.get(dtype)
+        if buffer is None:
+            buffer = self._buffers[dtype] = torch.empty(_CHUNK_ELEMENTS, dtype=dtype)
+        return buffer[:size]
+
+    def count_nonzero(self, chunk: torch.Tensor, *, nan_free: bool, scratch: bool = False) -> int:
+        """Return the entries that are not 0; NaN counts as nonzero.
+
+        A float chunk that the caller knows to contain no NaN is counted as
+        ``sum(sign(abs(x)))`` in float32. The sum is exact because a chunk has
+        fewer than 2**24 entries. torch.count_nonzero is several times slower
+        on masks whose zeros are spread at random, because it branches per
+        entry. ``torch.sign`` maps NaN to 0, hence the ``nan_free`` contract.
+        ``scratch`` says that ``chunk`` is this counter's buffer and may be
+        overwritten.
+        """
+        import torch
+
+        if not nan_free or not chunk.is_floating_point():
+            return int(torch.count_nonzero(chunk))
+        work = chunk if scratch else self._buffer(chunk.dtype, chunk.numel())
+        torch.abs(chunk, out=work)
+        torch.sign(work, out=work)
+        return int(work.sum(dtype=torch.float32))
+
+    def count_mask(self, chunk: torch.Tensor) -> tuple[int, int]:
+        """Return (nonzero entries, entries other than exactly 0 and 1) of a mask chunk."""
+        import torch
+
+        if chunk.dtype == torch.bool:
+            return int(chunk.sum()), 0
+        if self.is_binary(chunk):
+            # Exact: a chunk of 0s and 1s sums to at most 2**15 in float32.
+            total = chunk.sum(dtype=torch.float32) if chunk.is_floating_point() else chunk.sum()
+            return int(total), 0
+        nonzero = int(torch.count_nonzero(chunk))
+        # NaN is nonzero and not 1, so it counts as non-binary.
+        return nonzero, nonzero - int(torch.count_nonzero(chunk == 1))
+
+    def is_binary(self, chunk: torch.Tensor) -> bool:
+        """Return whether every entry of a float or integer chunk is exactly 0 or 1.
+
+        ``m - m * m`` is exactly zero only for 0 and 1 (and -0.0), whether
+        addcmul rounds the product or fuses it. For any other finite float,
+        the square differs from ``m`` by more than half an ulp. Integers wrap
+        without reaching zero, and NaN or infinity propagate through the min
+        and max.
+        """
+        import torch
+
+        if chunk.is_complex():
+            return False
+        work = self._buffer(chunk.dtype, chunk.numel())
+        torch.addcmul(chunk, chunk, chunk, value=-1, out=work)
+        low, high = torch.aminmax(work)
+        return low.item() == 0 and high.item() == 0
+
+    @staticmethod
+    def count_nonfinite(chunk: torch.Tensor) -> int:
+        """Return the NaN and infinite entries; integer and bool chunks have none."""
+        import torch
+
+        if chunk.is_complex():
+            return chunk.numel() - int(torch.count_nonzero(torch.isfinite(chunk)))
+        if not chunk.is_floating_point():
+            return 0
+        # min and max propagate NaN and reach +-inf, so two finite extremes prove
+        # the chunk finite without the temporaries of isfinite.
+        low, high = torch.aminmax(chunk)
+        if math.isfinite(low.item()) and math.isfinite(high.item()):
+            return 0
+        return chunk.numel() - int(torch.count_nonzero(torch.isfinite(chunk)))
+
+    def count_product_nonzero(self, orig: torch.Tensor, mask: torch.Tensor, *, nan_free: bool) -> int:
+        """Return the nonzero entries of ``orig * mask`` in ``orig``'s dtype, as merge_pair computes it.
+
+        ``nan_free`` means that ``orig`` is finite and ``mask`` binary, so the
+        product contains no NaN.
+        """
+        import torch
+
+        if mask.dtype != orig.dtype:
+            mask = mask.to(dtype=orig.dtype)
+        if orig.is_complex():
+            return int(torch.count_nonzero(orig * mask))
+        product = self._buffer(orig.dtype, orig.numel())
+        torch.mul(orig, mask, out=product)
+        return self.count_nonzero(product, nan_free=nan_free, scratch=True)
+
+
+def _flat_chunks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield aligned flat slices of equally sized tensors, ``_CHUNK_ELEMENTS`` entries each."""
+    if tensors[0].numel() == 0:
+        return  # split would yield one empty chunk, and aminmax rejects empty input
+    yield from zip(*(tensor.reshape(-1).split(_CHUNK_ELEMENTS) for tensor in tensors))
+
+
+def has_mask_dtype(mask: torch.Tensor) -> bool:
+    """Return whether ``mask`` has a dtype that a mask may have: float, bool or integer, not complex."""
+    import torch
+
+    return not mask.is_complex() and (mask.is_floating_point() or mask.dtype == torch.bool or _is_integer(mask))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _is_integer(tensor: torch.Tensor) -> bool:
