@@ -379,6 +379,16 @@ class ParameterStats:
         mask_nonbinary: Mask entries other than exactly 0 and 1.
         revived: For a plain tensor with a sidecar mask, entries that are
             nonzero where the mask is 0.
+        masked_zeros: Zero entries of ``value * mask`` for a plain tensor
+            with a sidecar mask that can be applied (same shape, mask dtype),
+            else None.
+        row_nonzero: Boolean per row, True where the row of the masked value
+            has a nonzero entry (NaN counts as nonzero). The masked value is
+            ``orig * mask`` for a pair, ``value * mask`` for a sidecar mask,
+            else the value. Set for floating-point matrices of at most
+            ``_CHUNK_ELEMENTS`` columns whose mask, if any, can be applied,
+            else None.
+        col_nonzero: Boolean per column, as ``row_nonzero`` is per row.
     """
 
     name: str
@@ -393,6 +403,9 @@ class ParameterStats:
     mask_zeros: int | None = None
     mask_nonbinary: int | None = None
     revived: int | None = None
+    masked_zeros: int | None = None
+    row_nonzero: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    col_nonzero: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_floating(self) -> bool:
@@ -458,11 +471,17 @@ def measure_parameters(
 
 
 def _measure_plain(counter: _ChunkCounter, name: str, kind: ParameterKind, tensor: torch.Tensor) -> ParameterStats:
+    lines = _NonzeroLines.for_tensor(tensor)
     nonzero = nonfinite = 0
-    for (chunk,) in _flat_chunks(tensor):
+    for start_row, (chunk,) in _aligned_chunks(lines, tensor):
         chunk_nonfinite = counter.count_nonfinite(chunk)
         nonfinite += chunk_nonfinite
-        nonzero += counter.count_nonzero(chunk, nan_free=chunk_nonfinite == 0)
+        if lines is None:
+            nonzero += counter.count_nonzero(chunk, nan_free=chunk_nonfinite == 0)
+        else:
+            lines.add(start_row, counter.indicate_nonzero(chunk, nan_free=chunk_nonfinite == 0))
+    if lines is not None:
+        nonzero = lines.count_nonzero()
     return ParameterStats(
         name=name,
         kind=kind,
@@ -472,6 +491,8 @@ def _measure_plain(counter: _ChunkCounter, name: str, kind: ParameterKind, tenso
         numel=tensor.numel(),
         zeros=tensor.numel() - nonzero,
         nonfinite=nonfinite,
+        row_nonzero=lines.row_flags() if lines is not None else None,
+        col_nonzero=lines.column_flags() if lines is not None else None,
     )
 
 
@@ -505,23 +526,31 @@ def _measure_with_mask(
     import torch
 
     mask_nonzero = mask_nonbinary = value_nonzero = nonfinite = 0
-    revived_count = 0
+    revived_count = masked_nonzero = 0
     mergeable = tuple(value.shape) == tuple(mask.shape) and has_mask_dtype(mask)
+    lines = _NonzeroLines.for_tensor(value) if mergeable else None
     if mergeable:
         # One pass over aligned chunks, so each page of value and mask is read once.
-        for value_chunk, mask_chunk in _flat_chunks(value, mask):
+        for start_row, (value_chunk, mask_chunk) in _aligned_chunks(lines, value, mask):
             chunk_nonzero, chunk_nonbinary = counter.count_mask(mask_chunk)
             chunk_nonfinite = counter.count_nonfinite(value_chunk)
             mask_nonzero += chunk_nonzero
             mask_nonbinary += chunk_nonbinary
             nonfinite += chunk_nonfinite
             nan_free = chunk_nonfinite == 0 and chunk_nonbinary == 0
-            if kind == "pair":
-                # The same product that prune.remove computes, one chunk at a time.
-                value_nonzero += counter.count_product_nonzero(value_chunk, mask_chunk, nan_free=nan_free)
-            else:
+            if kind == "plain":
                 value_nonzero += counter.count_nonzero(value_chunk, nan_free=chunk_nonfinite == 0)
                 revived_count += int(torch.logical_and(mask_chunk == 0, value_chunk != 0).sum())
+            # The same product that prune.remove computes, one chunk at a time.
+            if lines is None:
+                masked_nonzero += counter.count_product_nonzero(value_chunk, mask_chunk, nan_free=nan_free)
+            else:
+                product = counter.multiply(value_chunk, mask_chunk)
+                lines.add(start_row, counter.indicate_nonzero(product, nan_free=nan_free, scratch=True))
+        if lines is not None:
+            masked_nonzero = lines.count_nonzero()
+        if kind == "pair":
+            value_nonzero = masked_nonzero
     else:
         mask_nonzero, mask_nonbinary = _count_mask(mask, counter)
         for (chunk,) in _flat_chunks(value):
@@ -530,6 +559,7 @@ def _measure_with_mask(
             value_nonzero += counter.count_nonzero(chunk, nan_free=chunk_nonfinite == 0)
     # An unmergeable pair has no effective value to count zeros in.
     zeros = value.numel() - value_nonzero if mergeable or kind == "plain" else None
+    sidecar_applied = kind == "plain" and mergeable
     return ParameterStats(
         name=name,
         kind=kind,
@@ -542,7 +572,10 @@ def _measure_with_mask(
         mask_key=mask_key,
         mask_zeros=mask.numel() - mask_nonzero,
         mask_nonbinary=mask_nonbinary,
-        revived=revived_count if kind == "plain" and mergeable else None,
+        revived=revived_count if sidecar_applied else None,
+        masked_zeros=value.numel() - masked_nonzero if sidecar_applied else None,
+        row_nonzero=lines.row_flags() if lines is not None else None,
+        col_nonzero=lines.column_flags() if lines is not None else None,
     )
 
 
@@ -562,14 +595,22 @@ class _ChunkCounter:
 
     def __init__(self) -> None:
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        # The last slice handed out per dtype: most chunks have the same size,
+        # and slicing costs as much as a small op.
+        self._slices: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
 
     def _buffer(self, dtype: torch.dtype, size: int) -> torch.Tensor:
         import torch
 
+        last = self._slices.get(dtype)
+        if last is not None and last[0] == size:
+            return last[1]
         buffer = self._buffers.get(dtype)
         if buffer is None:
             buffer = self._buffers[dtype] = torch.empty(_CHUNK_ELEMENTS, dtype=dtype)
-        return buffer[:size]
+        view = buffer[:size]
+        self._slices[dtype] = (size, view)
+        return view
 
     def count_nonzero(self, chunk: torch.Tensor, *, nan_free: bool, scratch: bool = False) -> int:
         """Return the entries that are not 0; NaN counts as nonzero.
@@ -586,10 +627,8 @@ class _ChunkCounter:
 
         if not nan_free or not chunk.is_floating_point():
             return int(torch.count_nonzero(chunk))
-        work = chunk if scratch else self._buffer(chunk.dtype, chunk.numel())
-        torch.abs(chunk, out=work)
-        torch.sign(work, out=work)
-        return int(work.sum(dtype=torch.float32))
+        indicator = self.indicate_nonzero(chunk, nan_free=True, scratch=scratch)
+        return int(indicator.sum(dtype=torch.float32))
 
     def count_mask(self, chunk: torch.Tensor) -> tuple[int, int]:
         """Return (nonzero entries, entries other than exactly 0 and 1) of a mask chunk."""
@@ -632,10 +671,11 @@ class _ChunkCounter:
             return chunk.numel() - int(torch.count_nonzero(torch.isfinite(chunk)))
         if not chunk.is_floating_point():
             return 0
-        # min and max propagate NaN and reach +-inf, so two finite extremes prove
-        # the chunk finite without the temporaries of isfinite.
-        low, high = torch.aminmax(chunk)
-        if math.isfinite(low.item()) and math.isfinite(high.item()):
+        # A sum propagates NaN and infinity, so a finite sum proves the chunk
+        # finite without the temporaries of isfinite. A sum that overflows
+        # only sends the chunk to the exact count below.
+        total = chunk.sum(dtype=torch.float64 if chunk.dtype == torch.float64 else torch.float32)
+        if math.isfinite(total.item()):
             return 0
         return chunk.numel() - int(torch.count_nonzero(torch.isfinite(chunk)))
 
@@ -647,20 +687,118 @@ class _ChunkCounter:
         """
         import torch
 
+        if orig.is_complex():
+            return int(torch.count_nonzero(orig * mask.to(dtype=orig.dtype)))
+        return self.count_nonzero(self.multiply(orig, mask), nan_free=nan_free, scratch=True)
+
+    def multiply(self, orig: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Return ``orig * mask`` in ``orig``'s real dtype, in this counter's buffer (valid until its next use)."""
+        import torch
+
         if mask.dtype != orig.dtype:
             mask = mask.to(dtype=orig.dtype)
-        if orig.is_complex():
-            return int(torch.count_nonzero(orig * mask))
         product = self._buffer(orig.dtype, orig.numel())
         torch.mul(orig, mask, out=product)
-        return self.count_nonzero(product, nan_free=nan_free, scratch=True)
+        return product
+
+    def indicate_nonzero(self, chunk: torch.Tensor, *, nan_free: bool, scratch: bool = False) -> torch.Tensor:
+        """Return 1 where a floating-point chunk is nonzero (NaN included) and 0 elsewhere, in its dtype.
+
+        The result is this counter's buffer, valid until its next use. With
+        ``nan_free`` it is ``sign(abs(x))``, the cheap form that
+        :meth:`count_nonzero` explains. Pass ``scratch`` when ``chunk`` is
+        this counter's buffer, which is then overwritten.
+        """
+        import torch
+
+        work = chunk if scratch else self._buffer(chunk.dtype, chunk.numel())
+        if nan_free:
+            torch.abs(chunk, out=work)
+            torch.sign(work, out=work)
+        else:
+            work.copy_(chunk != 0)
+        return work
 
 
-def _flat_chunks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yield aligned flat slices of equally sized tensors, ``_CHUNK_ELEMENTS`` entries each."""
+class _NonzeroLines:
+    """Row counts and column flags of nonzero entries of one matrix, accumulated over row-aligned chunks.
+
+    The chunks come from :func:`_aligned_chunks` and hold whole rows,
+    ``rows_per_chunk`` at a time, as 0/1 indicators. Each chunk costs two
+    reductions that stay in cache: a sum per row, and an elementwise maximum
+    into a ``[rows_per_chunk, cols]`` accumulator that is reduced over its
+    rows once at the end.
+    """
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype) -> None:
+        import torch
+
+        self.cols = cols
+        self.rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+        # Exact: a row count is at most _CHUNK_ELEMENTS, far below 2**24.
+        self._row_counts = torch.zeros(rows, dtype=torch.float32)
+        self._column_hits = torch.zeros(min(rows, self.rows_per_chunk), cols, dtype=dtype)
+        self._full_rows = self._column_hits.shape[0]
+
+    @classmethod
+    def for_tensor(cls, tensor: torch.Tensor) -> _NonzeroLines | None:
+        """Return an accumulator for a floating-point matrix whose rows fit in one chunk, else None."""
+        if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.shape[1] > _CHUNK_ELEMENTS:
+            return None
+        rows, cols = tensor.shape
+        return cls(rows, cols, tensor.dtype)
+
+    def add(self, start_row: int, indicator: torch.Tensor) -> None:
+        """Add a flat 0/1 chunk of whole rows that starts at row ``start_row``."""
+        import torch
+
+        block = indicator.view(-1, self.cols)
+        count = block.shape[0]
+        torch.sum(block, dim=1, dtype=torch.float32, out=self._row_counts[start_row : start_row + count])
+        hits = self._column_hits if count == self._full_rows else self._column_hits[:count]
+        torch.maximum(hits, block, out=hits)
+
+    def count_nonzero(self) -> int:
+        """Return the nonzero entries of the whole matrix."""
+        import torch
+
+        return int(self._row_counts.sum(dtype=torch.float64))
+
+    def row_flags(self) -> torch.Tensor:
+        """Return, per row, whether it has a nonzero entry."""
+        return self._row_counts > 0
+
+    def column_flags(self) -> torch.Tensor:
+        """Return, per column, whether it has a nonzero entry."""
+        import torch
+
+        if self._column_hits.shape[0] == 0:
+            return torch.zeros(self.cols, dtype=torch.bool)
+        return self._column_hits.amax(dim=0) > 0
+
+
+def _aligned_chunks(
+    lines: _NonzeroLines | None, *tensors: torch.Tensor
+) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """Yield (first row, aligned flat chunks): whole rows for ``lines``, else flat chunks with first row 0."""
+    if lines is None:
+        for chunks in _flat_chunks(*tensors):
+            yield 0, chunks
+        return
+    size = lines.rows_per_chunk * lines.cols
+    for number, chunks in enumerate(_flat_chunks(*tensors, size=size)):
+        yield number * lines.rows_per_chunk, chunks
+
+
+def _flat_chunks(*tensors: torch.Tensor, size: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield aligned flat slices of equally sized tensors, ``size`` entries each (the last may be shorter).
+
+    ``size`` defaults to ``_CHUNK_ELEMENTS``, read at each call.
+    """
     if tensors[0].numel() == 0:
         return  # split would yield one empty chunk, and aminmax rejects empty input
-    yield from zip(*(tensor.reshape(-1).split(_CHUNK_ELEMENTS) for tensor in tensors))
+    chunk_size = _CHUNK_ELEMENTS if size is None else size
+    yield from zip(*(tensor.reshape(-1).split(chunk_size) for tensor in tensors))
 
 
 def has_mask_dtype(mask: torch.Tensor) -> bool:

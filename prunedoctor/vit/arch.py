@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prunedoctor.errors import StructureError
-from prunedoctor.reparam import ORIG_SUFFIX, effective_tensor, index_reparametrization
+from prunedoctor.reparam import ORIG_SUFFIX, ReparamIndex, effective_tensor, index_reparametrization
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from prunedoctor.reparam import ParameterStats
 
 __all__ = [
     "VitArchitecture",
@@ -293,7 +295,10 @@ def _heads_from_args(args: Mapping[str, Any], embed_dim: int) -> tuple[int, str]
 
 
 def _zero_row_transitions(
-    weights: Mapping[str, torch.Tensor], depth: int, attn_dims: list[int]
+    weights: Mapping[str, torch.Tensor],
+    depth: int,
+    attn_dims: list[int],
+    stats: Mapping[str, ParameterStats] | None,
 ) -> list[int] | None:
     """Return the row offsets where zeroed qkv rows start or stop, or None when no block is head-pruned.
 
@@ -302,17 +307,18 @@ def _zero_row_transitions(
     """
     import torch
 
-    from prunedoctor.reparam import masks_of
-
-    index = index_reparametrization(weights.keys())
-    sidecar = {name: mask for name, mask in masks_of(weights, index).items() if name in index.sidecar_masks}
+    index: ReparamIndex | None = None
     transitions: list[int] = []
     for block in range(depth):
         name = block_layer_names(block)["qkv"]
-        qkv = effective_tensor(weights, name, index)
-        if name in sidecar:
-            qkv = qkv * sidecar[name].to(qkv.dtype)
-        zero_rows = (qkv == 0).all(dim=1).reshape(3, attn_dims[block])
+        item = stats.get(name) if stats is not None else None
+        if item is not None and item.row_nonzero is not None:
+            zero_rows = ~item.row_nonzero
+        else:
+            if index is None:
+                index = index_reparametrization(weights.keys())
+            zero_rows = _zero_qkv_rows(weights, name, index)
+        zero_rows = zero_rows.reshape(3, attn_dims[block])
         if not bool(zero_rows.any()):
             continue
         if not (torch.equal(zero_rows[0], zero_rows[1]) and torch.equal(zero_rows[0], zero_rows[2])):
@@ -324,8 +330,25 @@ def _zero_row_transitions(
     return transitions or None
 
 
+def _zero_qkv_rows(weights: Mapping[str, torch.Tensor], name: str, index: ReparamIndex) -> torch.Tensor:
+    """Return, per row of the effective qkv weight ``name``, whether it is all zero.
+
+    A mask saved beside a plain weight counts as applied, unless its shape
+    differs (finding PD004 reports that).
+    """
+    qkv = effective_tensor(weights, name, index)
+    mask_key = index.sidecar_masks.get(name)
+    if mask_key is not None and tuple(weights[mask_key].shape) == tuple(qkv.shape):
+        qkv = qkv * weights[mask_key].to(qkv.dtype)
+    return (qkv == 0).all(dim=1)
+
+
 def _heads_from_zero_rows(
-    weights: Mapping[str, torch.Tensor], depth: int, embed_dim: int, attn_dims: list[int]
+    weights: Mapping[str, torch.Tensor],
+    depth: int,
+    embed_dim: int,
+    attn_dims: list[int],
+    stats: Mapping[str, ParameterStats] | None,
 ) -> int | None:
     """Infer the head count from the runs of zeroed qkv rows, or return None.
 
@@ -335,7 +358,7 @@ def _heads_from_zero_rows(
     width that fits is only an upper bound. The usual width for this
     embedding width wins when it fits too.
     """
-    transitions = _zero_row_transitions(weights, depth, attn_dims)
+    transitions = _zero_row_transitions(weights, depth, attn_dims, stats)
     if transitions is None:
         return None
     width = embed_dim
@@ -372,6 +395,7 @@ def _resolve_heads(
     heads: int | None,
     model_name: str | None,
     args: Mapping[str, Any] | None,
+    stats: Mapping[str, ParameterStats] | None,
 ) -> tuple[int, str]:
     if heads is not None:
         if heads <= 0:
@@ -383,7 +407,7 @@ def _resolve_heads(
         found = _heads_from_args(args, embed_dim)
         if found is not None:
             return found
-    inferred = _heads_from_zero_rows(weights, depth, embed_dim, attn_dims)
+    inferred = _heads_from_zero_rows(weights, depth, embed_dim, attn_dims, stats)
     if inferred is not None:
         return inferred, "inferred from zeroed qkv rows"
     return _assumed_heads(embed_dim)
@@ -395,6 +419,7 @@ def infer_architecture(
     heads: int | None = None,
     model_name: str | None = None,
     args: Mapping[str, Any] | None = None,
+    stats: Mapping[str, ParameterStats] | None = None,
 ) -> VitArchitecture:
     """Read the architecture of a timm ViT from its state dict.
 
@@ -406,6 +431,10 @@ def infer_architecture(
             the meta device, so no memory or weights are used).
         args: Saved training arguments, searched for a head count
             (``num_heads``, ``heads``, ...) or a timm model name.
+        stats: Stats measured on ``weights``
+            (:func:`~prunedoctor.reparam.measure_parameters`). Where they
+            hold the row flags of a qkv weight, the head count is inferred
+            from those flags instead of the tensor data.
 
     Returns:
         The architecture. ``heads_source`` states where the head count came
@@ -429,7 +458,7 @@ def infer_architecture(
     attn_dims, mlp_hidden = _read_block_widths(shapes, depth, embed_dim)
     tokens = _read_tokens(shapes, embed_dim, patch_size)
 
-    num_heads, source = _resolve_heads(weights, depth, embed_dim, attn_dims, heads, model_name, args)
+    num_heads, source = _resolve_heads(weights, depth, embed_dim, attn_dims, heads, model_name, args, stats)
     if embed_dim % num_heads:
         raise StructureError(
             f"head count {num_heads} (from {source}) does not divide the embedding width {embed_dim}"
@@ -480,19 +509,23 @@ def infer_paired_architectures(
     model_name: str | None = None,
     args_a: Mapping[str, Any] | None = None,
     args_b: Mapping[str, Any] | None = None,
+    stats_a: Mapping[str, ParameterStats] | None = None,
+    stats_b: Mapping[str, ParameterStats] | None = None,
 ) -> tuple[VitArchitecture, VitArchitecture]:
     """Infer the architectures of two checkpoints that are compared unit by unit, with one head count.
 
     When one head count is assumed and the other is not (a dense checkpoint
     beside its head-pruned successor), the known count is used for both.
+    ``stats_a`` and ``stats_b`` are the stats measured on each state dict,
+    if any (see :func:`infer_architecture`).
 
     Raises:
         StructureError: Either is not a ViT, or both head counts are known and differ.
     """
     from dataclasses import replace
 
-    arch_a = infer_architecture(weights_a, heads=heads, model_name=model_name, args=args_a)
-    arch_b = infer_architecture(weights_b, heads=heads, model_name=model_name, args=args_b)
+    arch_a = infer_architecture(weights_a, heads=heads, model_name=model_name, args=args_a, stats=stats_a)
+    arch_b = infer_architecture(weights_b, heads=heads, model_name=model_name, args=args_b, stats=stats_b)
     if arch_a.num_heads == arch_b.num_heads:
         return arch_a, arch_b
     if arch_a.heads_assumed and not arch_b.heads_assumed:

@@ -15,8 +15,11 @@ from prunedoctor.errors import StructureError
 from prunedoctor.findings import Finding
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from prunedoctor.inspection import Analysis, ReportSection
     from prunedoctor.loading import Checkpoint
+    from prunedoctor.reparam import ParameterStats
     from prunedoctor.vit.arch import VitArchitecture
 
 __all__ = [
@@ -41,8 +44,20 @@ def build_structure_report(
     heads: int | None = None,
     model_name: str | None = None,
     arch: VitArchitecture | None = None,
+    stats: Mapping[str, ParameterStats] | None = None,
 ) -> dict[str, Any]:
     """Return the structure report of a loaded checkpoint, inferring its architecture unless given.
+
+    Args:
+        checkpoint: The loaded checkpoint.
+        heads: Head count of an unslimmed block, when the user knows it.
+        model_name: timm model name to take the head count from.
+        arch: The architecture, inferred from the checkpoint when omitted.
+        stats: The checkpoint's measured stats (``Analysis.stats``). When they
+            contain what the report needs, no tensor data is read again.
+            Otherwise the report is built from the tensors. Both give the
+            same report for binary masks (see
+            :func:`~prunedoctor.vit.structure.build_vit_report_from_stats`).
 
     Raises:
         StructureError: The state dict is not a timm ViT or its shapes disagree.
@@ -50,12 +65,14 @@ def build_structure_report(
     """
     from prunedoctor.reparam import effective_state_dict, index_reparametrization, masks_of
     from prunedoctor.vit.arch import infer_architecture
-    from prunedoctor.vit.structure import build_vit_report
+    from prunedoctor.vit.structure import build_vit_report, build_vit_report_from_stats, has_structure_stats
 
     state_dict = checkpoint.state_dict
-    index = index_reparametrization(state_dict.keys())
     if arch is None:
-        arch = infer_architecture(state_dict, heads=heads, model_name=model_name, args=checkpoint.args)
+        arch = infer_architecture(state_dict, heads=heads, model_name=model_name, args=checkpoint.args, stats=stats)
+    if stats is not None and has_structure_stats(stats, arch):
+        return build_vit_report_from_stats(stats, arch)
+    index = index_reparametrization(state_dict.keys())
     return build_vit_report(effective_state_dict(state_dict, index), masks_of(state_dict, index), arch)
 
 
@@ -73,10 +90,10 @@ def vit_report_section(
     from prunedoctor.inspection import ReportSection, SectionResult
     from prunedoctor.vit.structure import structure_findings
 
-    def build(checkpoint: Checkpoint, _analysis: Analysis) -> SectionResult:
+    def build(checkpoint: Checkpoint, analysis: Analysis) -> SectionResult:
         if not is_vit_state_dict(checkpoint.state_dict):
             return SectionResult(None)
-        report = build_structure_report(checkpoint, heads=heads, model_name=model_name)
+        report = build_structure_report(checkpoint, heads=heads, model_name=model_name, stats=analysis.stats)
         return SectionResult(report, structure_findings(report, min_heads=min_heads))
 
     return ReportSection("vit", build)
@@ -97,7 +114,7 @@ def check_head_options(checkpoint: Checkpoint, _analysis: Analysis, options: Any
     return []
 
 
-def check_structure_against(checkpoint: Checkpoint, _analysis: Analysis, options: Any) -> list[Finding]:
+def check_structure_against(checkpoint: Checkpoint, analysis: Analysis, options: Any) -> list[Finding]:
     """Return PD023 and PD024 findings of ``checkpoint`` against ``options.against``, if set.
 
     ``options`` supplies ``against`` (path of the previous checkpoint or
@@ -123,8 +140,9 @@ def check_structure_against(checkpoint: Checkpoint, _analysis: Analysis, options
                                  "blocks.N.attn.qkv weights")
     arch_before, arch_after = infer_paired_architectures(
         previous.state_dict, checkpoint.state_dict, heads=heads, model_name=model_name,
-        args_a=previous.args, args_b=checkpoint.args,
+        args_a=previous.args, args_b=checkpoint.args, stats_b=analysis.stats,
     )
+    # The previous checkpoint was not measured, so its report reads its tensors.
     before = build_structure_report(previous, arch=arch_before)
-    after = build_structure_report(checkpoint, arch=arch_after)
+    after = build_structure_report(checkpoint, arch=arch_after, stats=analysis.stats)
     return compare_structure(before, after)

@@ -13,25 +13,35 @@ mask applied where one exists:
 counts and FLOPs as a JSON-able dict (the ``vit`` section of ``inspect
 --json``); :func:`structure_findings` and :func:`compare_structure` turn
 reports into findings for ``check``.
+
+:func:`build_vit_report_from_stats` returns the same report from the
+counts and the row and column flags that the analysis pass of ``inspect``
+measured (:class:`~prunedoctor.reparam.ParameterStats`), without reading
+tensor data again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prunedoctor.errors import StructureError
 from prunedoctor.findings import Finding
+from prunedoctor.reparam import MASK_SUFFIX, ORIG_SUFFIX
 from prunedoctor.vit.arch import VitArchitecture, block_layer_names
 
 if TYPE_CHECKING:
     import torch
+
+    from prunedoctor.reparam import ParameterStats
 
 __all__ = [
     "UnitStates",
     "compute_unit_states",
     "count_flops",
     "build_vit_report",
+    "build_vit_report_from_stats",
+    "has_structure_stats",
     "structure_findings",
     "compare_structure",
 ]
@@ -77,21 +87,169 @@ def _masked(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tenso
     return weight * mask.to(weight.dtype)
 
 
+class _Layers(Protocol):
+    """Reader of a checkpoint's parameters for the report, with every applicable mask applied."""
+
+    def zero_rows(self, name: str) -> torch.Tensor:
+        """Return, per row of matrix ``name``, whether every entry is zero."""
+
+    def zero_columns(self, name: str) -> torch.Tensor:
+        """Return, per column of matrix ``name``, whether every entry is zero."""
+
+    def count_zeros(self, name: str) -> int:
+        """Count the zero entries of parameter ``name``."""
+
+    def count_entries(self, name: str) -> int:
+        """Count the entries of parameter ``name``."""
+
+    def has(self, name: str) -> bool:
+        """Return whether parameter ``name`` exists."""
+
+    def count_params(self, prefix: str = "") -> int:
+        """Count the entries of every parameter whose name starts with ``prefix``."""
+
+    def count_nonzero(self) -> int:
+        """Count the nonzero entries of every parameter."""
+
+
+def _missing_layer_error(name: str, names: Any) -> StructureError:
+    """Return the error for a block weight that is absent from the effective weights or the stats."""
+    if name + ORIG_SUFFIX in names:
+        return StructureError(
+            f"{name} has no effective value because {name}{ORIG_SUFFIX} has no {name}{MASK_SUFFIX} beside it. "
+            f"Save the mask with it, or save the merged {name}"
+        )
+    return StructureError(f"not a timm ViT state dict: {name} is missing")
+
+
+class _TensorLayers:
+    """Layers read from effective weights and masks (every call reads tensor data)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+        self._weights = weights
+        self._masks = masks
+
+    def _value(self, name: str) -> torch.Tensor:
+        if name not in self._weights:
+            raise _missing_layer_error(name, self._weights)
+        return _masked(self._weights, self._masks, name)
+
+    def zero_rows(self, name: str) -> torch.Tensor:
+        return (self._value(name) == 0).all(dim=1)
+
+    def zero_columns(self, name: str) -> torch.Tensor:
+        return (self._value(name) == 0).all(dim=0)
+
+    def count_zeros(self, name: str) -> int:
+        tensor = self._value(name)
+        return tensor.numel() - int(tensor.count_nonzero())
+
+    def count_entries(self, name: str) -> int:
+        if name not in self._weights:
+            raise _missing_layer_error(name, self._weights)
+        return self._weights[name].numel()
+
+    def has(self, name: str) -> bool:
+        return name in self._weights
+
+    def count_params(self, prefix: str = "") -> int:
+        return sum(t.numel() for key, t in self._weights.items() if key.startswith(prefix))
+
+    def count_nonzero(self) -> int:
+        return sum(int(_masked(self._weights, self._masks, key).count_nonzero()) for key in self._weights)
+
+
+def _applied_zeros(item: ParameterStats) -> int | None:
+    """Return the zero entries of a measured entry with its mask applied, or None when unknown.
+
+    The entry is ``orig * mask`` for a pair, ``value * mask`` for a plain
+    tensor with a sidecar mask (the report counts the mask as applied), the
+    mask itself for an orphan mask, and the value for any other tensor.
+    """
+    if item.kind == "orphan_mask":
+        return item.mask_zeros
+    if item.kind == "plain" and item.mask_key is not None:
+        return item.masked_zeros
+    return item.zeros
+
+
+class _StatsLayers:
+    """Layers read from measured stats (no tensor data is read)."""
+
+    def __init__(self, stats: Mapping[str, ParameterStats]) -> None:
+        self._stats = stats
+
+    def _item(self, name: str) -> ParameterStats:
+        item = self._stats.get(name)
+        if item is None:
+            raise _missing_layer_error(name, self._stats)
+        return item
+
+    def zero_rows(self, name: str) -> torch.Tensor:
+        flags = self._item(name).row_nonzero
+        if flags is None:
+            raise StructureError(f"{name} was measured without row flags")
+        return ~flags
+
+    def zero_columns(self, name: str) -> torch.Tensor:
+        flags = self._item(name).col_nonzero
+        if flags is None:
+            raise StructureError(f"{name} was measured without column flags")
+        return ~flags
+
+    def count_zeros(self, name: str) -> int:
+        zeros = _applied_zeros(self._item(name))
+        if zeros is None:
+            raise StructureError(f"{name} was measured without a zero count of its masked value")
+        return zeros
+
+    def count_entries(self, name: str) -> int:
+        return self._item(name).numel
+
+    def has(self, name: str) -> bool:
+        return name in self._stats
+
+    def count_params(self, prefix: str = "") -> int:
+        return sum(item.numel for name, item in self._stats.items() if name.startswith(prefix))
+
+    def count_nonzero(self) -> int:
+        return sum(item.numel - self.count_zeros(name) for name, item in self._stats.items())
+
+
+def has_structure_stats(stats: Mapping[str, ParameterStats], arch: VitArchitecture) -> bool:
+    """Return whether :func:`build_vit_report_from_stats` can build the report from ``stats``.
+
+    It can when every entry has a zero count with its mask applied (so no
+    pair failed to merge) and the qkv, proj, fc1 and fc2 weights of every
+    block have row and column flags. Otherwise the caller builds the report
+    from tensors with :func:`build_vit_report`, which also raises the error
+    that explains what is missing.
+    """
+    if any(_applied_zeros(item) is None for item in stats.values()):
+        return False
+    for block in range(arch.depth):
+        for name in block_layer_names(block).values():
+            item = stats.get(name)
+            if item is None or item.row_nonzero is None or item.col_nonzero is None:
+                return False
+    return True
+
+
 def compute_unit_states(
     weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], arch: VitArchitecture, block: int
 ) -> tuple[UnitStates, UnitStates]:
     """Return the head states and the neuron states of one block."""
+    return _unit_states(_TensorLayers(weights, masks), arch, block)
+
+
+def _unit_states(layers: _Layers, arch: VitArchitecture, block: int) -> tuple[UnitStates, UnitStates]:
     names = block_layer_names(block)
-    heads, head_dim, width = arch.heads_per_block[block], arch.head_dim, arch.embed_dim
-    qkv = _masked(weights, masks, names["qkv"]).reshape(3, heads, head_dim, width)
-    proj = _masked(weights, masks, names["proj"]).reshape(width, heads, head_dim)
-    fc1 = _masked(weights, masks, names["fc1"])
-    fc2 = _masked(weights, masks, names["fc2"])
-    head_states = UnitStates(
-        (qkv == 0).all(dim=3).all(dim=2).all(dim=0),
-        (proj == 0).all(dim=2).all(dim=0),
-    )
-    neuron_states = UnitStates((fc1 == 0).all(dim=1), (fc2 == 0).all(dim=0))
+    heads, head_dim = arch.heads_per_block[block], arch.head_dim
+    # Head h owns qkv rows p * A + h * d .. p * A + h * d + d - 1 for p in q, k, v and proj columns h * d ...
+    qkv_rows = layers.zero_rows(names["qkv"]).reshape(3, heads, head_dim)
+    proj_columns = layers.zero_columns(names["proj"]).reshape(heads, head_dim)
+    head_states = UnitStates(qkv_rows.all(dim=2).all(dim=0), proj_columns.all(dim=1))
+    neuron_states = UnitStates(layers.zero_rows(names["fc1"]), layers.zero_columns(names["fc2"]))
     return head_states, neuron_states
 
 
@@ -131,15 +289,14 @@ def count_flops(arch: VitArchitecture, heads: list[int], neurons: list[int]) -> 
     return {"patch_embed": patch_embed, "blocks": blocks, "head": classifier, "total": total}
 
 
-def _removed_params(weights: Mapping[str, torch.Tensor], arch: VitArchitecture, block: int,
-                    pruned_heads: int, pruned_neurons: int) -> int:
+def _removed_params(layers: _Layers, arch: VitArchitecture, block: int, pruned_heads: int, pruned_neurons: int) -> int:
     """Return the parameters that physically removing the pruned units of a block would drop."""
     names = block_layer_names(block)
     width, head_dim = arch.embed_dim, arch.head_dim
     qkv_bias = names["qkv"][: -len("weight")] + "bias"
     fc1_bias = names["fc1"][: -len("weight")] + "bias"
-    per_head = 3 * head_dim * width + head_dim * width + (3 * head_dim if qkv_bias in weights else 0)
-    per_neuron = 2 * width + (1 if fc1_bias in weights else 0)
+    per_head = 3 * head_dim * width + head_dim * width + (3 * head_dim if layers.has(qkv_bias) else 0)
+    per_neuron = 2 * width + (1 if layers.has(fc1_bias) else 0)
     return pruned_heads * per_head + pruned_neurons * per_neuron
 
 
@@ -149,22 +306,18 @@ def _indices(flags: torch.Tensor) -> list[int]:
     return torch.nonzero(flags).flatten().tolist()
 
 
-def _block_entry(
-    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], arch: VitArchitecture, block: int
-) -> dict[str, Any]:
-    head_states, neuron_states = compute_unit_states(weights, masks, arch, block)
+def _block_entry(layers: _Layers, arch: VitArchitecture, block: int) -> dict[str, Any]:
+    head_states, neuron_states = _unit_states(layers, arch, block)
     inconsistent_heads = _indices(head_states.inconsistent)
     input_zero = head_states.input_zero.tolist()
     zeros = entries = 0
     for name in block_layer_names(block).values():
-        tensor = _masked(weights, masks, name)
-        entries += tensor.numel()
-        zeros += tensor.numel() - int(tensor.count_nonzero())
-    prefix = f"blocks.{block}."
-    dense_params = sum(t.numel() for key, t in weights.items() if key.startswith(prefix))
+        entries += layers.count_entries(name)
+        zeros += layers.count_zeros(name)
+    dense_params = layers.count_params(f"blocks.{block}.")
     pruned_heads = _indices(head_states.pruned)
     pruned_neurons = _indices(neuron_states.pruned)
-    removed = _removed_params(weights, arch, block, len(pruned_heads), len(pruned_neurons))
+    removed = _removed_params(layers, arch, block, len(pruned_heads), len(pruned_neurons))
     return {
         "index": block,
         "heads": {
@@ -215,13 +368,45 @@ def build_vit_report(
         - ``params``: ``dense`` (every tensor), ``remaining`` (after
           physically removing pruned units) and ``nonzero``;
         - ``flops``: ``dense`` and ``remaining`` MACs per image (see :func:`count_flops`).
+
+    Raises:
+        StructureError: A block's qkv, proj, fc1 or fc2 weight is missing.
     """
-    blocks = [_block_entry(weights, masks, arch, block) for block in range(arch.depth)]
+    return _build_report(_TensorLayers(weights, masks), arch)
+
+
+def build_vit_report_from_stats(stats: Mapping[str, ParameterStats], arch: VitArchitecture) -> dict[str, Any]:
+    """Return the report of :func:`build_vit_report` from measured stats, without reading tensor data.
+
+    Unit states come from the row and column flags of the qkv, proj, fc1
+    and fc2 weights, and the counts from the zero counts, with pairs merged
+    and sidecar masks applied as :func:`build_vit_report` applies them.
+
+    NOTE: :func:`build_vit_report` multiplies a merged pair by its mask a
+    second time. For a mask that is not binary, that second product can
+    underflow to zero where ``orig * mask`` is not zero, so the two reports
+    can differ on such a file. For binary masks they are the same.
+
+    Args:
+        stats: Parameter name -> stats of the state dict, as
+            :func:`~prunedoctor.reparam.measure_parameters` or
+            :func:`~prunedoctor.inspection.analyze_checkpoint` returns them.
+        arch: The architecture.
+
+    Raises:
+        StructureError: ``stats`` lack what the report needs; check with
+            :func:`has_structure_stats` first.
+    """
+    return _build_report(_StatsLayers(stats), arch)
+
+
+def _build_report(layers: _Layers, arch: VitArchitecture) -> dict[str, Any]:
+    blocks = [_block_entry(layers, arch, block) for block in range(arch.depth)]
     zeros = sum(b["zeros"] for b in blocks)
     entries = sum(b["entries"] for b in blocks)
-    dense_params = sum(t.numel() for t in weights.values())
+    dense_params = layers.count_params()
     removed = sum(b["params"]["dense"] - b["params"]["remaining"] for b in blocks)
-    nonzero = sum(int(_masked(weights, masks, key).count_nonzero()) for key in weights)
+    nonzero = layers.count_nonzero()
     remaining_heads = [b["heads"]["total"] - len(b["heads"]["pruned"]) for b in blocks]
     remaining_neurons = [b["neurons"]["total"] - b["neurons"]["pruned"] for b in blocks]
     return {
