@@ -62,9 +62,10 @@ def _fields() -> Table:
 
 
 def _indices(indices: Sequence[int], style: str = "") -> Text:
+    """Return unit indices as ``#0, #2``, so that a column of indices is not read as counts."""
     if not indices:
         return Text("-", style="dim")
-    listed = ", ".join(str(i) for i in indices[:_SHOWN_INDICES])
+    listed = ", ".join(f"#{i}" for i in indices[:_SHOWN_INDICES])
     if len(indices) > _SHOWN_INDICES:
         listed += f", ... ({len(indices)})"
     return Text(listed, style=style)
@@ -75,7 +76,7 @@ def _percent(value: float) -> str:
 
 
 def _heads_text(heads: int, head_dim: int, source: str, assumed: bool) -> Text:
-    text = Text(f"{heads} per block, width {head_dim}; head count from ")
+    text = Text(f"{heads} per block, width {head_dim}; head count source: ")
     text.append(source, style="yellow" if assumed else "")
     return text
 
@@ -334,7 +335,7 @@ def render_diff_report(console: Console, report: Mapping[str, Any]) -> None:
 
     structure = report["structure"]
     if structure is not None:
-        heads = Text(f"{structure['heads']} per block; head count from ")
+        heads = Text(f"{structure['heads']} per block; head count source: ")
         heads.append(structure["heads_source"], style="yellow" if structure["heads_assumed"] else "")
         fields.add_row("heads", heads)
     console.print(fields)
