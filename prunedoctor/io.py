@@ -34,6 +34,7 @@ __all__ = [
     "format_from_path",
     "save_state_dict",
     "safetensors_dtype_name",
+    "write_bytes_atomic",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -257,6 +258,28 @@ class _FileSync:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it and move it into place with ``os.replace``.
+
+    Unlike :func:`save_state_dict`, this overwrites an existing file: it is
+    for files that a run rewrites (logs, histories, resume checkpoints).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        # mkstemp creates the file readable by its owner only; give it the
+        # permissions that open() would have given it.
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _current_umask() -> int:

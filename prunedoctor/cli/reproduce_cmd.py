@@ -435,27 +435,13 @@ class _Display:
 
 
 def _render_result(console: Console, result: RunResult) -> None:
-    from prunedoctor.train.outputs import format_duration
+    from prunedoctor.train.outputs import state_table
 
-    after_cut = any(s.test_accuracy_after_cut is not None for s in result.states)
+    header, rows = state_table(result.states)
     table = Table(title="Iterative pruning states", title_justify="left", header_style="bold")
-    for header in ("state", "remaining", "heads", "neurons", "test acc", "best epoch"):
-        table.add_column(header, justify="right")
-    if after_cut:
-        table.add_column("after cut", justify="right")
-    table.add_column("wall time", justify="right")
-    for state in result.states:
-        row = [
-            str(state.state),
-            f"{100 * state.remaining:.2f}%",
-            f"{sum(state.heads_kept)}/{sum(state.heads_total)}",
-            f"{sum(state.neurons_kept)}/{sum(state.neurons_total)}",
-            f"{100 * state.test_accuracy:.2f}%",
-            str(state.best_epoch),
-        ]
-        if after_cut:
-            row.append("" if state.test_accuracy_after_cut is None else f"{100 * state.test_accuracy_after_cut:.2f}%")
-        row.append(format_duration(state.seconds))
+    for name in header:
+        table.add_column(name, justify="right")
+    for row in rows:
         table.add_row(*row)
     console.print(table)
     if result.states:

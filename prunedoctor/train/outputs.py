@@ -22,17 +22,17 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunedoctor.io import write_bytes_atomic
+
 __all__ = [
     "EpochRecord",
     "StateRecord",
-    "write_bytes_atomic",
+    "state_table",
     "write_text_atomic",
     "save_torch_atomic",
     "write_history",
@@ -101,26 +101,6 @@ def state_dir(run_dir: Path, state: int) -> Path:
     return run_dir / f"state_{state}"
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and move it into place with ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        # mkstemp creates the file readable by its owner only; give it the
-        # permissions that open() would have given it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write UTF-8 text atomically (see :func:`write_bytes_atomic`)."""
     write_bytes_atomic(path, text.encode("utf-8"))
@@ -154,14 +134,18 @@ def write_history(
     write_text_atomic(run_dir / "summary.md", format_summary_markdown(states))
 
 
-def format_summary_markdown(states: Sequence[StateRecord]) -> str:
-    """Return the state table as Markdown (accuracies and remaining weights in percent)."""
+def state_table(states: Sequence[StateRecord]) -> tuple[list[str], list[list[str]]]:
+    """Return the header and the rows of the state table (accuracies and remaining weights in percent).
+
+    The "after cut" column appears only for RSST runs, which record the test
+    accuracy after the structured masks were applied hard.
+    """
     after_cut = any(s.test_accuracy_after_cut is not None for s in states)
     header = ["state", "remaining", "heads", "neurons", "test acc", "best epoch"]
     if after_cut:
         header.append("after cut")
     header.append("wall time")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    rows = []
     for s in states:
         row = [
             str(s.state),
@@ -174,7 +158,15 @@ def format_summary_markdown(states: Sequence[StateRecord]) -> str:
         if after_cut:
             row.append("" if s.test_accuracy_after_cut is None else f"{100 * s.test_accuracy_after_cut:.2f}%")
         row.append(format_duration(s.seconds))
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    return header, rows
+
+
+def format_summary_markdown(states: Sequence[StateRecord]) -> str:
+    """Return the state table as Markdown."""
+    header, rows = state_table(states)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
