@@ -121,7 +121,7 @@ def test_assumed_heads_for_usual_width() -> None:
     arch = infer_architecture(model.state_dict())
     assert arch.num_heads == 3
     assert arch.heads_assumed
-    assert "timm default for embedding width 192" in arch.heads_source
+    assert "timm's ViTs of embedding width 192" in arch.heads_source
 
 
 def test_assumed_heads_for_unusual_width() -> None:
@@ -257,3 +257,10 @@ def test_infer_then_build_round_trip(
     original = model.state_dict()
     assert list(rebuilt) == list(original)
     assert all(rebuilt[k].shape == original[k].shape for k in original)
+
+
+def test_assumed_single_head_singular() -> None:
+    model = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=4, num_classes=10)
+    arch = infer_architecture(model.state_dict())
+    assert arch.num_heads == 1
+    assert "assumed: 1 head of width 64, the usual head width 64" in arch.heads_source

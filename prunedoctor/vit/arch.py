@@ -375,9 +375,14 @@ def _heads_from_zero_rows(
 def _assumed_heads(embed_dim: int) -> tuple[int, str]:
     usual = _usual_head_count(embed_dim)
     if usual is not None:
+        plural = "s" if usual != 1 else ""
+        if embed_dim in _USUAL_HEADS:
+            reason = f"the head count of timm's ViTs of embedding width {embed_dim}"
+        else:
+            reason = f"the usual head width {_USUAL_HEAD_DIM}"
         return usual, (
-            f"assumed: {usual} heads of width {embed_dim // usual}, the timm default for embedding width "
-            f"{embed_dim}; pass --heads or --model to be sure"
+            f"assumed: {usual} head{plural} of width {embed_dim // usual}, {reason}; "
+            "pass --heads or --model to be sure"
         )
     head_dim = max(d for d in range(1, min(embed_dim, _USUAL_HEAD_DIM) + 1) if embed_dim % d == 0)
     heads = embed_dim // head_dim
