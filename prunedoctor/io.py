@@ -370,12 +370,10 @@ def _verify_file(temp_path: Path, file_format: OutputFormat, expected: Mapping[s
     The file is memory-mapped and the pages of each tensor are released after
     its comparison, so verifying holds about one tensor in memory.
     """
-    import torch
-
-    from prunedoctor.loading import PageReleaser
+    from prunedoctor.loading import PageReleaser, load_torch_file
 
     if file_format == "pt":
-        written = torch.load(temp_path, map_location="cpu", weights_only=True, mmap=True)
+        written = load_torch_file(temp_path, weights_only=True, mmap=True)
         if not isinstance(written, dict):
             raise PrunedoctorError(f"{path}: verification failed: the written file is not a dict")
         _compare_tensors(list(written), written.__getitem__, expected, path, PageReleaser(temp_path))

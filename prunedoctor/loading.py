@@ -37,6 +37,7 @@ __all__ = [
     "PageReleaser",
     "detect_format",
     "find_unsafe_globals",
+    "load_torch_file",
     "load_checkpoint",
     "strip_prefixes",
 ]
@@ -233,10 +234,24 @@ def _check_torch_zip(path: Path) -> None:
         )
 
 
+def load_torch_file(path: Path, *, weights_only: bool, mmap: bool) -> Any:
+    """Call ``torch.load`` on a file written by ``torch.save``, whatever its name.
+
+    torch 2.14 hands every path that ends in ``.safetensors`` to the
+    safetensors reader, so a torch file with that name is opened here and
+    passed as a file object instead. torch memory-maps only paths, so such a
+    file is read into memory.
+    """
+    import torch
+
+    if not str(path).endswith(".safetensors"):
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    with open(path, "rb") as handle:
+        return torch.load(handle, map_location="cpu", weights_only=weights_only)
+
+
 def _torch_load(path: Path, file_format: str, unsafe_load: bool) -> tuple[Any, list[str]]:
     import pickle
-
-    import torch
 
     unsafe_globals = find_unsafe_globals(path, file_format)
     if unsafe_globals and not unsafe_load:
@@ -250,9 +265,9 @@ def _torch_load(path: Path, file_format: str, unsafe_load: bool) -> tuple[Any, l
     try:
         if unsafe_load:
             _logger.warning("loading %s with weights_only=False: code in the pickle can run", path)
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap), unsafe_globals
+            return load_torch_file(path, weights_only=False, mmap=mmap), unsafe_globals
         with _allowlisted():
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), unsafe_globals
+            return load_torch_file(path, weights_only=True, mmap=mmap), unsafe_globals
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: weights_only=True loading failed ({_first_sentence(error)}); "

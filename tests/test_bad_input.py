@@ -181,3 +181,21 @@ def test_malicious_pickle_is_live(tmp_path: Path) -> None:
         loaded = pickle.load(handle)  # noqa: S301 - the point of this control test
     loaded["hook"].close()
     assert (tmp_path / SENTINEL_NAME).exists()
+
+
+
+def test_torch_file_named_safetensors_loads(runner: CliRunner, fixtures_dir: Path, tmp_path: Path) -> None:
+    """torch 2.14's torch.load sends '.safetensors' paths to safetensors; the loader must not."""
+    renamed = tmp_path / "renamed.safetensors"
+    renamed.write_bytes((fixtures_dir / "vit_tiny_reparam.pt").read_bytes())
+    result = runner.invoke(app, ["inspect", str(renamed), "--json"])
+    assert result.exit_code == 0
+    assert '"format": "torch-zip"' in result.stdout
+
+
+def test_normalize_pt_named_safetensors(fixtures_dir: Path, tmp_path: Path) -> None:
+    from prunedoctor.normalize import normalize_checkpoint
+
+    output = tmp_path / "out.safetensors"
+    normalize_checkpoint(fixtures_dir / "vit_tiny_reparam.pt", output, format="pt")
+    assert output.read_bytes()[:4] == b"PK\x03\x04"
