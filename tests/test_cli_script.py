@@ -78,3 +78,24 @@ def test_script_bad_input_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("prunedoctor: error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["prune", "x.pt", "-o", "y.pt", "--head-ratio", "-0.5"], "Invalid value for '--head-ratio'"),
+        (["prune", "x.pt", "-o", "y.pt", "--criterion", "foo"], "'foo' is not one of"),
+        (["check", "--format", "xml", "x.pt"], "Invalid value for '--format'"),
+        (["inspect"], "Missing argument 'checkpoint'"),
+        (["inspect", "--bogus", "x.pt"], "No such option: --bogus"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_script_usage_error_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = _run(_script(), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("prunedoctor: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr

@@ -7,6 +7,7 @@ function, so that ``prunedoctor --help`` stays well under half a second.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Annotated, Optional
 
 import typer
@@ -58,9 +59,45 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _click_exception_modules() -> list[ModuleType]:
+    """Return the exception modules of click and of the click copy that typer 0.29 and newer vendor."""
+    import importlib
+
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return modules
+
+
 def main() -> None:
-    """Entry point of the ``prunedoctor`` console script."""
+    """Entry point of the ``prunedoctor`` console script.
+
+    Usage errors (an unknown option, a value out of range, a missing
+    argument) become one line on stderr and exit code 2, like every other
+    bad input, instead of a multi-line box.
+    """
     import sys
 
-    # Typer/click exit with 2 on usage errors already; keep that contract.
-    app(prog_name="prunedoctor", args=sys.argv[1:])
+    modules = _click_exception_modules()
+    no_args = tuple(m.NoArgsIsHelpError for m in modules if hasattr(m, "NoArgsIsHelpError"))
+    usage_errors = tuple(m.UsageError for m in modules)
+    aborts = (typer.Abort, KeyboardInterrupt) + tuple(m.Abort for m in modules if hasattr(m, "Abort"))
+    try:
+        result = app(prog_name="prunedoctor", args=sys.argv[1:], standalone_mode=False)
+    except no_args as error:
+        # Its message is the help text of the command that was run without arguments.
+        print(error.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except usage_errors as error:
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "prunedoctor"
+        message = " ".join(error.format_message().split()).replace("Value error, ", "")
+        print(f"prunedoctor: error: {message} (see '{command} --help')", file=sys.stderr)
+        sys.exit(2)
+    except aborts:
+        print("prunedoctor: error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
