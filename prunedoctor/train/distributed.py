@@ -117,10 +117,19 @@ def init_distributed(device_choice: str) -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, device)
 
 
-def close_distributed(context: DistributedContext) -> None:
-    """Leave the process group (no-op for a single process)."""
-    if context.is_distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def close_distributed(context: DistributedContext, *, wait_for_peers: bool = True) -> None:
+    """Leave the process group (no-op for a single process).
+
+    With ``wait_for_peers``, every rank first waits at a barrier, so that no
+    rank tears down its gloo connections while rank 0 is still writing the
+    last state; a rank that left early made its peers abort with SIGABRT.
+    Pass False on an error path, where a peer may never reach the barrier.
+    """
+    if not (context.is_distributed and dist.is_initialized()):
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _read_env_int(name: str, default: int) -> int:

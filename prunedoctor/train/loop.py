@@ -64,7 +64,7 @@ from prunedoctor.train.resume import (
     restore_rng_state,
     save_resume_checkpoint,
 )
-from prunedoctor.train.rundir import attach_run_log, create_run_dir, open_run_dir
+from prunedoctor.train.rundir import attach_run_log, create_run_dir, list_run_outputs, open_run_dir
 from prunedoctor.train.refill import ACTIVATION_CRITERIA, choose_next_masks
 from prunedoctor.train.rsst import RsstPenalty, penalty_masks, rsst_lambda
 from prunedoctor.train.step import count_correct, lr_factor, train_step
@@ -105,8 +105,21 @@ def run_reproduction(options: RunOptions, observer: RunObserver | None = None) -
     observer = observer or RunObserver()
     context = init_distributed(options.device)
     log_handler: logging.Handler | None = None
+    finished = False
     try:
         config, checkpoint = open_run_dir(options, context)
+        if checkpoint is not None and checkpoint["position"].get("finished"):
+            # Nothing is left to train: report the saved states without loading the data.
+            _logger.debug("%s is already complete; nothing to resume", options.run_dir)
+            finished = True
+            return RunResult(
+                options.run_dir,
+                [StateRecord(**s) for s in checkpoint["states"]],
+                [EpochRecord(**e) for e in checkpoint["epochs"]],
+                list_run_outputs(options.run_dir),
+                int(checkpoint.get("world_size", context.world_size)),
+                already_complete=True,
+            )
         _set_threads(options.threads, context)
         # Data and model come first, so that a missing data set or an unknown
         # model leaves no run folder behind.
@@ -117,12 +130,14 @@ def run_reproduction(options: RunOptions, observer: RunObserver | None = None) -
             log_handler = attach_run_log(options.run_dir)
             if context.is_distributed:
                 _logger.info("%d processes on %s; rank 0 writes the run folder", context.world_size, context.device)
-        return trainer.run(checkpoint)
+        result = trainer.run(checkpoint)
+        finished = True
+        return result
     finally:
         if log_handler is not None:
             logging.getLogger("prunedoctor").removeHandler(log_handler)
             log_handler.close()
-        close_distributed(context)
+        close_distributed(context, wait_for_peers=finished)
 
 
 def _set_threads(threads: int | None, context: DistributedContext) -> None:
@@ -633,8 +648,7 @@ class _Trainer:
             write_history(self.run_dir, self.epochs, self.states, self.config.to_dict())
             title = f"{self.config.model} on {self.config.dataset}, {self.config.method}, rate {self.config.rate:g}"
             plot_accuracy(self.run_dir / "accuracy.png", self.states, title)
-            files = [self.run_dir / name for name in ("history.json", "history.csv", "summary.md", "accuracy.png")]
-            files += [state_dir(self.run_dir, s.state) / "model.pt" for s in self.states]
             _logger.info("run finished: %d states written to %s", len(self.states), self.run_dir)
+            files = list_run_outputs(self.run_dir)
         return RunResult(self.run_dir, list(self.states), list(self.epochs), files, self.context.world_size)
 
