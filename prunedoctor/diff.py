@@ -4,9 +4,9 @@ By default both sides are compared in their effective view (``orig * mask``
 merged, masks dropped), so a reparametrized checkpoint equals its
 normalized twin. The raw view compares the keys as they are in the files.
 
-Masks are compared in both views. A parameter with a mask on one side only
-is compared against the nonzero entries of the other side's weight, which is
-how a normalized file records its pruning.
+Masks are compared in both views. Where a side stores no mask, its pruning
+is read from the zeros of its effective weight, which is how a normalized
+file records its pruning (see :func:`compare_masks`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol
 
 
 def _pruned_entries(
-    state_dict: Mapping[str, torch.Tensor], effective: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
-    name: str,
+    effective: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], name: str,
 ) -> torch.Tensor | None:
     """Return the boolean "pruned" pattern of a parameter: its mask's zeros, else its weight's zeros."""
     if name in masks:
@@ -74,8 +73,31 @@ def _pruned_entries(
     return None
 
 
+def _compared_names(
+    masks_a: Mapping[str, torch.Tensor],
+    masks_b: Mapping[str, torch.Tensor],
+    effective_a: Mapping[str, torch.Tensor],
+    effective_b: Mapping[str, torch.Tensor],
+) -> list[str]:
+    """Return the parameters with a mask on either side, and the floating-point tensors of 2+ dims in both."""
+    names = set(masks_a) | set(masks_b)
+    for name, tensor in effective_a.items():
+        other = effective_b.get(name)
+        if other is not None and tensor.is_floating_point() and other.is_floating_point() and tensor.dim() >= 2:
+            names.add(name)
+    return sorted(names)
+
+
 def compare_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Count mask entries newly pruned and revived from ``a`` to ``b``, per parameter with a mask on either side.
+    """Count entries newly pruned and revived from ``a`` to ``b``, per parameter.
+
+    An entry is pruned where its stored mask is 0. Where a side stores no
+    mask for a parameter, its pruning is read from the zeros of its
+    effective weight. Such a zero is ambiguous, because a kept weight can be
+    exactly 0. So against an inferred ``b`` an entry counts as newly pruned
+    only where ``a``'s effective value is nonzero, and against an inferred
+    ``a`` as revived only where ``b``'s effective value is nonzero. Where both
+    sides store masks, the masks are compared exactly.
 
     Args:
         a: Raw state dict of the first checkpoint.
@@ -83,19 +105,27 @@ def compare_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) 
 
     Returns:
         One entry per parameter whose pruned entries changed: ``param``,
-        ``entries``, ``newly_pruned`` (0 or absent in ``b`` where ``a`` had
-        them), ``revived`` (pruned in ``a``, not in ``b``).
+        ``entries``, ``newly_pruned`` (pruned in ``b``, not in ``a``) and
+        ``revived`` (pruned in ``a``, not in ``b``). Parameters compared are
+        those with a mask on either side and the floating-point tensors with
+        2 or more dimensions on both sides.
     """
     masks_a, masks_b = masks_of(a), masks_of(b)
     effective_a, effective_b = effective_state_dict(a), effective_state_dict(b)
     changes = []
-    for name in sorted(set(masks_a) | set(masks_b)):
-        pruned_a = _pruned_entries(a, effective_a, masks_a, name)
-        pruned_b = _pruned_entries(b, effective_b, masks_b, name)
+    for name in _compared_names(masks_a, masks_b, effective_a, effective_b):
+        pruned_a = _pruned_entries(effective_a, masks_a, name)
+        pruned_b = _pruned_entries(effective_b, masks_b, name)
         if pruned_a is None or pruned_b is None or pruned_a.shape != pruned_b.shape:
             continue
-        newly = int((pruned_b & ~pruned_a).sum())
-        revived = int((pruned_a & ~pruned_b).sum())
+        newly_pattern = pruned_b & ~pruned_a
+        revived_pattern = pruned_a & ~pruned_b
+        if name not in masks_b and name in effective_a and effective_a[name].shape == pruned_b.shape:
+            newly_pattern &= effective_a[name] != 0
+        if name not in masks_a and name in effective_b and effective_b[name].shape == pruned_a.shape:
+            revived_pattern &= effective_b[name] != 0
+        newly = int(newly_pattern.sum())
+        revived = int(revived_pattern.sum())
         if newly or revived:
             changes.append({"param": name, "entries": pruned_a.numel(), "newly_pruned": newly, "revived": revived})
     return changes

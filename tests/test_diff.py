@@ -110,6 +110,40 @@ def test_mask_against_plain_weight_zeros() -> None:
     assert compare_masks(a, b) == [{"param": "layer.weight", "entries": 4, "newly_pruned": 1, "revived": 0}]
 
 
+def test_kept_zero_not_newly_pruned() -> None:
+    """A weight that is 0 under a mask of 1 is not newly pruned against a side without masks."""
+    a = {"layer.bias_orig": torch.tensor([0.0, 2.0]), "layer.bias_mask": torch.ones(2)}
+    b = {"layer.bias": torch.tensor([0.0, 2.0])}
+    assert compare_masks(a, b) == []
+
+
+def test_kept_zero_not_revived() -> None:
+    """A zero in A without a mask is not revived by a mask of 1 in B while B's value stays 0."""
+    a = {"layer.bias": torch.tensor([0.0, 0.0])}
+    b = {"layer.bias_orig": torch.tensor([0.0, 2.0]), "layer.bias_mask": torch.ones(2)}
+    assert compare_masks(a, b) == [{"param": "layer.bias", "entries": 2, "newly_pruned": 0, "revived": 1}]
+
+
+def test_plain_zeros_count_without_masks() -> None:
+    a = {"layer.weight": torch.tensor([[1.0, 2.0, 0.0, 4.0]])}
+    b = {"layer.weight": torch.tensor([[0.0, 0.0, 3.0, 4.0]])}
+    assert compare_masks(a, b) == [{"param": "layer.weight", "entries": 4, "newly_pruned": 2, "revived": 1}]
+
+
+def test_reparam_fixture_equals_normalized_fixture() -> None:
+    report = diff_state_dicts(fixture_sd("vit_tiny_reparam.pt"), fixture_sd("vit_tiny_normalized.pt"))
+    assert report["masks"] == []
+    assert report["equal"]
+
+
+def test_plain_states_count_new_zeros() -> None:
+    a = fixture_sd("states/state_0/model.pt")
+    b = fixture_sd("states/state_1/model.pt")
+    masks = compare_masks(a, b)
+    assert sum(m["newly_pruned"] for m in masks) == 18_048
+    assert sum(m["revived"] for m in masks) == 0
+
+
 def test_shape_and_dtype_changes() -> None:
     a = {"x": torch.zeros(2, 3), "y": torch.zeros(4)}
     b = {"x": torch.zeros(3, 2), "y": torch.zeros(4, dtype=torch.float16)}
@@ -163,6 +197,18 @@ def test_command_equal_exits_zero(tmp_path: Path) -> None:
     assert "equal within tolerance (exit 0)" in result.stdout
 
 
+def test_command_reparam_twin_fixtures_exit_zero() -> None:
+    result = invoke(FIXTURES / "vit_tiny_reparam.pt", FIXTURES / "vit_tiny_normalized.pt")
+    assert result.exit_code == 0, result.output
+    assert "mask entries  no change" in result.stdout
+
+
+def test_command_plain_states_exit_one() -> None:
+    result = invoke(FIXTURES / "states" / "state_0" / "model.pt", FIXTURES / "states" / "state_1" / "model.pt")
+    assert result.exit_code == 1
+    assert "18,048 newly pruned" in result.stdout
+
+
 def test_command_raw_exits_one(tmp_path: Path) -> None:
     twin = save_normalized_twin(tmp_path, "vit_state1.pt")
     result = invoke(FIXTURES / "vit_state1.pt", twin, "--raw", "--json")
@@ -195,3 +241,17 @@ def test_command_negative_tolerance(tmp_path: Path) -> None:
     result = invoke(FIXTURES / "vit_state1.pt", FIXTURES / "vit_state1.pt", "--atol", "-1")
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+def test_command_singular_tensor(tmp_path: Path) -> None:
+    torch.save({"w": torch.randn(4, 4)}, tmp_path / "one.pt")
+    result = invoke(tmp_path / "one.pt", tmp_path / "one.pt")
+    assert result.exit_code == 0
+    assert "1 tensor identical" in result.stdout
+
+
+def test_command_sparsity_scope_grammar(tmp_path: Path) -> None:
+    torch.save({"w": torch.randn(4, 4)}, tmp_path / "one.pt")
+    result = invoke(tmp_path / "one.pt", tmp_path / "one.pt")
+    text = " ".join(result.stdout.split())
+    assert "sparsity of all floating-point tensors" in text

@@ -219,7 +219,7 @@ def render_prune_report(console: Console, report: Mapping[str, Any]) -> None:
     calibration = report.get("calibration")
     if calibration:
         resized = f", resized from {calibration['resized_from']}px" if calibration["resized_from"] else ""
-        fields.add_row("calibration", Text(f"{calibration['images']} images in {calibration['batches']} batches "
+        fields.add_row("calibration", Text(f"{_count(calibration['images'], 'image')} in {_count(calibration['batches'], 'batch')} "
                                            f"from {calibration['source']}{resized}"))
     console.print(fields)
     console.print()
@@ -305,6 +305,16 @@ def _key_list(keys: Sequence[str]) -> Text:
     return Text(", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else ""), style="yellow")
 
 
+def _count(count: int, noun: str) -> str:
+    plural = noun + "es" if noun.endswith(("ch", "sh", "s", "x")) else noun + "s"
+    return f"{count:,} {noun if count == 1 else plural}"
+
+
+def _with_article(scope: str) -> str:
+    """Return ``scope`` after "the", unless it starts with "all" ("all floating-point tensors")."""
+    return scope if scope.startswith("all ") else f"the {scope}"
+
+
 def render_diff_report(console: Console, report: Mapping[str, Any]) -> None:
     """Print the diff summary: keys, values, masks, units per block, sparsity and the verdict."""
     view = "effective weights (orig * mask)" if report["view"] == "effective" else "raw keys as stored"
@@ -322,14 +332,14 @@ def render_diff_report(console: Console, report: Mapping[str, Any]) -> None:
         fields.add_row("shape", Text(f"{change['key']}: {tuple(change['a'])} -> {tuple(change['b'])}", style="yellow"))
     for change in report["dtype_changes"]:
         fields.add_row("dtype", Text(f"{change['key']}: {change['a']} -> {change['b']}", style="yellow"))
-    fields.add_row("values", f"{report['identical']:,} tensors identical, {len(report['tensors']):,} differ")
+    fields.add_row("values", f"{_count(report['identical'], 'tensor')} identical, {len(report['tensors']):,} differ")
 
     masks = report["masks"]
     if masks:
         newly = sum(m["newly_pruned"] for m in masks)
         revived = sum(m["revived"] for m in masks)
-        fields.add_row("mask entries", f"{newly:,} newly pruned (0 in B, 1 in A), {revived:,} revived (1 in B, 0 in "
-                                       f"A), in {len(masks)} parameters")
+        fields.add_row("mask entries", f"{newly:,} newly pruned (0 in B, not in A), {revived:,} revived (0 in A, not "
+                                       f"in B), in {_count(len(masks), 'parameter')}")
     else:
         fields.add_row("mask entries", "no change")
 
@@ -363,7 +373,7 @@ def render_diff_report(console: Console, report: Mapping[str, Any]) -> None:
 
     sparsity = report["sparsity"]
     console.print(
-        f"sparsity of the {sparsity['scope']}: {_percent(sparsity['a'])} -> {_percent(sparsity['b'])} "
+        f"sparsity of {_with_article(sparsity['scope'])}: {_percent(sparsity['a'])} -> {_percent(sparsity['b'])} "
         f"({sparsity['change'] * 100:+.2f} points)"
     )
     if report["equal"]:
