@@ -276,5 +276,18 @@ def check_checkpoints(
             results.append(check_checkpoint(checkpoint, options, rules=rules, progress=progress))
         except PrunedoctorError as error:
             _logger.debug("cannot check %s: %s", path, error)
-            results.append(FileResult(path=path, error=str(error)))
+            results.append(FileResult(path=path, error=_describe_error(path, str(error), container)))
     return CheckResult(results, options, config_path)
+
+
+def _describe_error(path: Path, message: str, container: str | None) -> str:
+    """Return ``message`` in check's terms: led by the checked file, the loader's ``--select`` named ``--container``."""
+    if container is not None:
+        message = message.replace(f"--select {container!r} is not", f"--container {container!r} is not", 1)
+        head, separator, listed = message.partition("; candidates: ")
+        if separator:
+            names = ["(top level)" if name == "''" else name for name in listed.split(", ")]
+            message = head + separator + ", ".join(names)
+    if not message.startswith(f"{path}:"):
+        message = f"{path}: {message}"
+    return message

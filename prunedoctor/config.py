@@ -132,8 +132,12 @@ class ProjectConfig:
 def find_config(start: Path | None = None) -> Path | None:
     """Return the nearest ``pyproject.toml`` with a ``[tool.prunedoctor]`` table, from ``start`` upward.
 
-    A ``pyproject.toml`` that cannot be parsed is skipped here; :func:`load_config`
-    reports it when it is given explicitly.
+    The search stops at the first ``pyproject.toml`` that cannot be read or
+    parsed, since it may hold the table.
+
+    Raises:
+        PrunedoctorError: A ``pyproject.toml`` on the way cannot be read or is
+            not valid TOML.
     """
     directory = (start or Path.cwd()).resolve()
     for folder in (directory, *directory.parents):
@@ -143,8 +147,13 @@ def find_config(start: Path | None = None) -> Path | None:
         try:
             with candidate.open("rb") as handle:
                 document = tomllib.load(handle)
-        except (OSError, tomllib.TOMLDecodeError):
-            continue
+        except OSError as error:
+            raise PrunedoctorError(
+                f"{candidate}: cannot read the configuration ({error.strerror or error}); "
+                "--no-config skips it"
+            ) from None
+        except tomllib.TOMLDecodeError as error:
+            raise PrunedoctorError(f"{candidate}: invalid TOML ({error}); fix it, or --no-config skips it") from None
         if isinstance(document.get("tool"), dict) and "prunedoctor" in document["tool"]:
             return candidate
     return None

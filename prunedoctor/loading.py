@@ -355,7 +355,7 @@ def _select_state_dict(obj: Any, path: Path, select: str | None) -> tuple[str, s
         for candidate_path, mapping in ranked:
             if candidate_path == select.strip("/"):
                 return candidate_path, "chosen with --select", mapping, candidates
-        listed = ", ".join(repr(c.path or "") for c in candidates) or "none"
+        listed = ", ".join(repr(c.path) if c.path else "(top level)" for c in candidates) or "none"
         raise CheckpointError(f"{path}: --select {select!r} is not a state dict in the file; candidates: {listed}")
     if not ranked:
         top = _as_mapping(obj)

@@ -198,3 +198,35 @@ def test_invalid_config_value_exits_2(runner: CliRunner, fixtures_dir: Path) -> 
 def test_swapped_range_rejected() -> None:
     with pytest.raises(PrunedoctorError, match="greater than max-sparsity"):
         resolve_options(ProjectConfig(), min_sparsity=0.8, max_sparsity=0.2)
+
+
+def test_broken_pyproject_found_upward_exits_2(runner: CliRunner, fixtures_dir: Path) -> None:
+    path = Path.cwd() / "pyproject.toml"
+    path.write_text("[tool.prunedoctor\nmin-sparsity = 0.9\n", encoding="utf-8")
+    code, out, err = _check(runner, str(fixtures_dir / "vit_tiny_normalized.pt"))
+    assert code == 2
+    assert err.strip() == (f"prunedoctor: error: {path.resolve()}: invalid TOML (Expected ']' at the end of a table "
+                           "declaration (at line 1, column 18)); fix it, or --no-config skips it")
+    assert "PASS" not in out
+
+
+def test_find_config_rejects_broken_toml(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.prunedoctor\n", encoding="utf-8")
+    with pytest.raises(PrunedoctorError, match=r"pyproject\.toml: invalid TOML .*--no-config skips it"):
+        find_config(tmp_path)
+
+
+def test_against_missing_names_against_file(runner: CliRunner, fixtures_dir: Path, tmp_path: Path) -> None:
+    checked, missing = fixtures_dir / "vit_state2_revived.pt", tmp_path / "missing.pt"
+    code, out, err = _check(runner, "--no-config", str(checked), "--against", str(missing))
+    assert code == 2
+    assert f"ERROR {checked}: --against {missing}: file not found" in out
+    assert err.strip() == f"prunedoctor: error: {checked}: --against {missing}: file not found"
+
+
+def test_unknown_container_named_container(runner: CliRunner, fixtures_dir: Path) -> None:
+    checked = fixtures_dir / "vit_tiny_normalized.pt"
+    code, _, err = _check(runner, "--no-config", str(checked), "--container", "nosuch")
+    assert code == 2
+    assert err.strip() == (f"prunedoctor: error: {checked}: --container 'nosuch' is not a state dict in the file; "
+                           "candidates: (top level)")

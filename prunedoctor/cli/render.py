@@ -136,19 +136,19 @@ def _summary_table(report: dict[str, Any]) -> Table:
     dtypes = ", ".join(f"{name} ×{count}" for name, count in report["dtypes"].items())
     table.add_row(
         "tensors",
-        f"{report['tensors']} stored ({format_bytes(report['bytes'])}): {report['parameter_tensors']} parameters "
-        f"with {report['parameters']:,} entries, {masks} masks; {dtypes or 'no tensors'}",
+        f"{report['tensors']} stored ({format_bytes(report['bytes'])}): {_plural(report['parameter_tensors'], 'parameter')} "
+        f"with {report['parameters']:,} entries, {_plural(masks, 'mask')}; {dtypes or 'no tensors'}",
     )
     if report["reparametrized"]:
         share = report["mask_bytes"] / report["bytes"] if report["bytes"] else 0.0
         table.add_row(
             "reparametrized",
-            Text(f"{len(report['reparametrized'])} parameters stored as _orig/_mask pairs; masks take "
+            Text(f"{_plural(len(report['reparametrized']), 'parameter')} stored as _orig/_mask pairs; masks take "
                  f"{format_bytes(report['mask_bytes'])} ({format_percent(share)} of the tensor bytes)",
                  style=SEVERITY_STYLES["error"]),
         )
     elif report["sidecar_masks"]:
-        table.add_row("masks", f"{len(report['sidecar_masks'])} masks saved beside merged weights "
+        table.add_row("masks", f"{_plural(len(report['sidecar_masks']), 'mask')} saved beside merged weights "
                                f"({format_bytes(report['mask_bytes'])})")
     else:
         table.add_row("reparametrized", Text("none", style="green"))
@@ -256,7 +256,7 @@ def render_normalize(result: NormalizeResult, console: Console) -> None:
         _print_field(console, "state dict", f"taken from {result.container!r}; the other entries are left out")
     if result.prefixes:
         _print_field(console, "prefixes", "stripped " + " ".join(repr(prefix) for prefix in result.prefixes))
-    _print_field(console, "merged", f"{len(result.merged)} _orig/_mask pairs into plain tensors" if result.merged
+    _print_field(console, "merged", f"{_plural(len(result.merged), '_orig/_mask pair')} into plain tensors" if result.merged
                  else "nothing to merge: no _orig/_mask pairs")
     if result.masks:
         where = f"written to {result.masks_output}" if result.masks_output else "dropped"
@@ -270,7 +270,7 @@ def render_normalize(result: NormalizeResult, console: Console) -> None:
     _print_field(
         console,
         "wrote",
-        f"{result.output} ({format_bytes(result.output_bytes)}, {result.format}, {result.tensors} tensors, "
+        f"{result.output} ({format_bytes(result.output_bytes)}, {result.format}, {_plural(result.tensors, 'tensor')}, "
         f"{format_percent(abs(change))} {direction} than the input; verified)",
         "green",
     )
@@ -282,8 +282,7 @@ def render_check(result: CheckResult, console: Console, *, quiet: bool = False) 
     """Print one status line per file, its kept findings, and a summary line."""
     for item in result.files:
         if item.error is not None:
-            console.print(Text.assemble(("ERROR ", "bold red"), str(item.path), "  could not be read (see stderr)"),
-                          soft_wrap=True)
+            console.print(Text.assemble(("ERROR ", "bold red"), item.error), soft_wrap=True)
             continue
         if item.passed and quiet:
             continue
@@ -302,7 +301,7 @@ def render_check(result: CheckResult, console: Console, *, quiet: bool = False) 
     failed = len(result.files) - passed - unreadable
     summary = f"Checked {_plural(len(result.files), 'file')}: {passed} passed, {failed} failed"
     if unreadable:
-        summary += f", {unreadable} unreadable"
+        summary += f", {unreadable} not checked (bad input)"
     if result.config_path is not None:
         summary += f" (settings from {result.config_path})"
     console.print(Text(summary, style="bold"))

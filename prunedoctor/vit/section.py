@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from prunedoctor.errors import StructureError
+from prunedoctor.errors import CheckpointError, PrunedoctorError, StructureError
 from prunedoctor.findings import Finding
 
 if TYPE_CHECKING:
@@ -133,11 +133,16 @@ def check_structure_against(checkpoint: Checkpoint, analysis: Analysis, options:
     if previous_path is None:
         return []
     heads, model_name = getattr(options, "heads", None), getattr(options, "model", None)
-    previous = load_checkpoint(previous_path)
-    for loaded in (previous, checkpoint):
-        if not is_vit_state_dict(loaded.state_dict):
-            raise StructureError(f"{loaded.path}: --against compares timm ViT checkpoints, and this one has no "
-                                 "blocks.N.attn.qkv weights")
+    try:
+        previous = load_checkpoint(previous_path)
+    except PrunedoctorError as error:
+        raise CheckpointError(f"--against {error}") from None
+    if not is_vit_state_dict(previous.state_dict):
+        raise StructureError(f"--against {previous.path}: has no blocks.N.attn.qkv weights, and --against compares "
+                             "timm ViT checkpoints")
+    if not is_vit_state_dict(checkpoint.state_dict):
+        raise StructureError(f"{checkpoint.path}: --against compares timm ViT checkpoints, and this one has no "
+                             "blocks.N.attn.qkv weights")
     arch_before, arch_after = infer_paired_architectures(
         previous.state_dict, checkpoint.state_dict, heads=heads, model_name=model_name,
         args_a=previous.args, args_b=checkpoint.args, stats_b=analysis.stats,
