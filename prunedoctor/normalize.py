@@ -54,6 +54,9 @@ class NormalizeResult:
         masks_output: File the masks were written to, if requested.
         masks_bytes: Size of ``masks_output``.
         nonbinary_masks: Mask keys with entries other than 0 and 1 (merged as they are).
+        nonfinite: Output keys whose tensors hold NaN or infinite values (written as they are).
+        disagreeing_masks: Sidecar mask keys that are 0 where their plain weight
+            is nonzero; the output keeps those unmasked values.
     """
 
     input: Path
@@ -69,6 +72,8 @@ class NormalizeResult:
     masks_output: Path | None = None
     masks_bytes: int | None = None
     nonbinary_masks: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
+    disagreeing_masks: list[str] = field(default_factory=list)
 
 
 def default_output_path(input_path: str | Path, output_format: OutputFormat) -> Path:
@@ -141,10 +146,14 @@ def normalize_checkpoint(
 
     releaser = PageReleaser(checkpoint.path)
     nonbinary = [key for key in index.sidecar_masks.values() if not is_binary_mask(state_dict[key])]
+    disagreeing = _find_disagreeing_sidecars(state_dict, index)
+    nonfinite: list[str] = []
     total = len(state_dict) - len(mask_keys)
     plain: dict[str, torch.Tensor] = {}
     for done, item in enumerate(iter_effective_tensors(state_dict, index, check_masks=True), start=1):
         plain[item.key] = item.tensor
+        if _has_nonfinite(item.tensor):
+            nonfinite.append(item.key)
         if len(item.source_keys) == 2:
             if item.mask_is_binary is False:
                 nonbinary.append(item.source_keys[1])
@@ -153,6 +162,15 @@ def normalize_checkpoint(
             progress(done, total)
     for key in nonbinary:
         _logger.warning("%s has entries other than 0 and 1; merged as orig * mask, as prune.remove does", key)
+    for key in nonfinite:
+        _logger.warning("PD006: %s has NaN or infinite values; written as they are", key)
+    for name, mask_key, count in disagreeing:
+        _logger.warning(
+            "PD009: %s is nonzero at %d entries where %s is 0; the output keeps these unmasked values "
+            "(normalize never applies a mask saved beside a plain weight; multiply the weight by the mask "
+            "first if it should apply)",
+            name, count, mask_key,
+        )
     output_bytes = save_state_dict(plain, output_path, format=output_format, force=force)
     tensors_written = len(plain)
     del plain
@@ -177,7 +195,33 @@ def normalize_checkpoint(
         masks_output=masks_path,
         masks_bytes=masks_bytes,
         nonbinary_masks=nonbinary,
+        nonfinite=nonfinite,
+        disagreeing_masks=[mask_key for _, mask_key, _ in disagreeing],
     )
+
+
+def _has_nonfinite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point or complex tensor holds NaN or infinite values."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return False
+    import torch
+
+    return not bool(torch.isfinite(tensor).all())
+
+
+def _find_disagreeing_sidecars(
+    state_dict: dict[str, torch.Tensor], index: ReparamIndex
+) -> list[tuple[str, str, int]]:
+    """Return (weight key, mask key, entries) for each sidecar mask that is 0 where its weight is nonzero."""
+    found = []
+    for name, mask_key in index.sidecar_masks.items():
+        weight, mask = state_dict.get(name), state_dict[mask_key]
+        if weight is None or tuple(weight.shape) != tuple(mask.shape):
+            continue
+        count = int(((mask == 0) & (weight != 0)).sum())
+        if count:
+            found.append((name, mask_key, count))
+    return found
 
 
 def _resolve_output(

@@ -213,6 +213,44 @@ def test_sidecar_masks_dropped(fixtures_dir: Path, tmp_path: Path) -> None:
     assert "blocks.0.mlp.fc1.weight_mask" not in _read(result.output)
 
 
+def test_nonfinite_tensor_listed(fixtures_dir: Path, tmp_path: Path) -> None:
+    result = normalize_checkpoint(fixtures_dir / "broken_nan.pt", tmp_path / "out.pt")
+    assert result.nonfinite == ["blocks.1.attn.proj.weight"]
+
+
+def test_finite_checkpoint_lists_nothing(fixtures_dir: Path, tmp_path: Path) -> None:
+    result = normalize_checkpoint(fixtures_dir / "vit_tiny_reparam.pt", tmp_path / "out.pt")
+    assert result.nonfinite == []
+
+
+def test_disagreeing_sidecar_listed(fixtures_dir: Path, tmp_path: Path) -> None:
+    result = normalize_checkpoint(fixtures_dir / "vit_tiny_sidecar_revived.pt", tmp_path / "out.pt")
+    assert result.disagreeing_masks == ["blocks.0.mlp.fc1.weight_mask"]
+
+
+def test_agreeing_sidecar_not_listed(tmp_path: Path) -> None:
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    torch.save({"fc.weight": weight, "fc.weight_mask": (weight != 0).float()}, tmp_path / "in.pt")
+    result = normalize_checkpoint(tmp_path / "in.pt", tmp_path / "out.pt")
+    assert result.disagreeing_masks == []
+
+
+def test_cli_warns_nonfinite(runner: CliRunner, fixtures_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["normalize", str(fixtures_dir / "broken_nan.pt"), "-o", str(tmp_path / "out.pt"),
+                                 "-q"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "PD006: blocks.1.attn.proj.weight has NaN or infinite values" in " ".join(result.stderr.split())
+
+
+def test_cli_warns_disagreeing_sidecar(runner: CliRunner, fixtures_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["normalize", str(fixtures_dir / "vit_tiny_sidecar_revived.pt"), "-o",
+                                 str(tmp_path / "out.pt"), "-q"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    stderr = " ".join(result.stderr.split())
+    assert "PD009: blocks.0.mlp.fc1.weight is nonzero at 2 entries" in stderr
+    assert "keeps these unmasked values" in stderr
+
+
 def test_tied_weights_to_safetensors(tmp_path: Path) -> None:
     shared = torch.randn(6, 4)
     torch.save({"embed.weight": shared, "head.weight": shared, "head.bias": torch.zeros(6)}, tmp_path / "tied.pt")
@@ -227,6 +265,7 @@ def test_cli_normalize_reports(runner: CliRunner, fixtures_dir: Path, tmp_path: 
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "10 _orig/_mask pairs" in result.stdout
+    assert "32 tensors," in result.stdout
     assert "stripped 'module.' '_orig_mod.'" in result.stdout
     assert output.name in result.stdout
     assert result.stderr == ""
