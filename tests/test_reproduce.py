@@ -323,6 +323,51 @@ def test_smoke_output_has_table(smoke_run: tuple[Path, str]) -> None:
     assert "Traceback" not in output
 
 
+@needs_cifar
+@pytest.mark.slow
+def test_smoke_output_counts_every_file(smoke_run: tuple[Path, str]) -> None:
+    """The closing line counts every file in the run folder, not a subset."""
+    run_dir, output = smoke_run
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    megabytes = sum(path.stat().st_size for path in files) / 1e6
+    assert f"Wrote {len(files)} files ({megabytes:.2f} MB) to" in " ".join(output.split())
+
+
+@needs_cifar
+@pytest.mark.slow
+def test_smoke_header_counts_states(smoke_run: tuple[Path, str]) -> None:
+    _, output = smoke_run
+    assert f"{ITERS} states x {EPOCHS} epochs" in output
+
+
+def test_lr_format_keeps_small_rates() -> None:
+    from prunedoctor.cli.reproduce_cmd import format_lr
+
+    assert format_lr(3.1e-05) == "3.1e-05"
+
+
+def test_lr_format_keeps_usual_rates() -> None:
+    from prunedoctor.cli.reproduce_cmd import format_lr
+
+    assert format_lr(0.1) == "0.1"
+
+
+@needs_cifar
+@pytest.mark.slow
+def test_resume_finished_run_loads_no_data(smoke_run: tuple[Path, str], tmp_path: Path) -> None:
+    """Resuming a finished run says so and exits 0 without reading the data set."""
+    run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data_dir"] = str(tmp_path / "no-data-here")
+    (copy / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["reproduce", "--resume", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "is already complete" in " ".join(result.stdout.split())
+    assert "Continuing" not in result.stdout
+
+
 # --- bad input ----------------------------------------------------------------------
 
 

@@ -305,6 +305,12 @@ def _run_and_render(
     except KeyboardInterrupt:
         raise fail(f"interrupted; continue with: prunedoctor reproduce --resume {run_dir}", 130) from None
     if show:
+        if result.already_complete:
+            stdout_console.print(
+                f"Run {escape(str(run_dir))} is already complete ({_plural(len(result.states), 'state')} trained); "
+                "nothing to resume.",
+                soft_wrap=True,
+            )
         _render_result(stdout_console, result)
     sys.stdout.flush()
 
@@ -344,7 +350,8 @@ class _Display:
         self.console.print(
             f"[bold]{verb} {config.method}[/bold] on [cyan]{escape(config.model)}[/cyan] / "
             f"{escape(config.dataset)} ({info.train_images:,} train, {info.val_images:,} val, "
-            f"{info.test_images:,} test images), {config.iters} states x {config.epochs} epochs, "
+            f"{info.test_images:,} test images), {_plural(config.iters, 'state')} x "
+            f"{_plural(config.epochs, 'epoch')}, "
             f"rate {config.rate:g}, {config.criterion}/{config.sorting}/{config.target}, {where}",
             soft_wrap=True,
         )
@@ -391,7 +398,7 @@ class _Display:
     def batch_finished(self, progress: BatchProgress) -> None:
         if self.progress is None or self.epoch_task is None or self.run_task is None:
             return
-        metrics = f"loss {progress.loss:.3f}  acc {100 * progress.accuracy:5.1f}%  lr {progress.lr:.4f}"
+        metrics = f"loss {progress.loss:.3f}  acc {100 * progress.accuracy:5.1f}%  lr {format_lr(progress.lr)}"
         if progress.rsst_lambda is not None:
             metrics += f"  lambda {progress.rsst_lambda:.3g}"
         self.progress.update(self.epoch_task, completed=progress.batch + 1, metrics=metrics)
@@ -413,7 +420,7 @@ class _Display:
         line = (
             f"state {record.state} epoch {record.epoch}: train loss {record.train_loss:.3f}, "
             f"train {100 * record.train_accuracy:.1f}%, val {100 * record.val_accuracy:.1f}%, "
-            f"test {100 * record.test_accuracy:.1f}%, lr {record.lr:.4f}"
+            f"test {100 * record.test_accuracy:.1f}%, end lr {format_lr(record.lr)}"
         )
         if record.rsst_lambda is not None:
             line += f", lambda {record.rsst_lambda:.3g}, penalised norm {record.penalised_norm:.3g}"
@@ -448,10 +455,29 @@ def _render_result(console: Console, result: RunResult) -> None:
         last = result.states[-1]
         per_block = " ".join(f"{h}/{t}" for h, t in zip(last.heads_kept, last.heads_total))
         console.print(f"Heads kept per block in state {last.state}: {per_block}")
-    written = [path for path in result.files if path.exists()]
-    total = sum(path.stat().st_size for path in written)
+    files = [path for path in result.files if path.is_file()]
+    total = sum(path.stat().st_size for path in files)
+    amount = f"{_plural(len(files), 'file')} ({total / 1e6:.2f} MB)"
+    where = escape(str(result.run_dir))
     console.print(
-        f"Wrote {len(written)} files ({total / 1e6:.1f} MB) to {escape(str(result.run_dir))}: "
-        "history.json, history.csv, summary.md, accuracy.png and state_K/model.pt, masks.pt, rewind.pt",
+        (f"{where} contains {amount}: " if result.already_complete else f"Wrote {amount} to {where}: ")
+        + "config.json, resume.pt, log.txt, history.json, history.csv, summary.md, accuracy.png and "
+        "state_K/ with model.pt, masks.pt, rewind.pt, config.json, rng.pt, record.json",
         soft_wrap=True,
     )
+
+
+def format_lr(lr: float) -> str:
+    """Format a learning rate with three significant digits, so that no nonzero rate reads as 0.
+
+    Args:
+        lr: Learning rate.
+
+    Returns:
+        ``0`` for zero, otherwise e.g. ``0.1``, ``0.0031`` or ``3.1e-05``.
+    """
+    return f"{lr:.3g}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"

@@ -106,8 +106,10 @@ class RunResult:
         run_dir: Run folder.
         states: One summary row per state.
         epochs: One row per epoch.
-        files: Paths written at the end (history, summary, plot, per-state checkpoints).
+        files: Every file of the run in the run folder (top-level files and the
+            files of each ``state_K`` folder); files of other origin are left out.
         world_size: Number of processes that trained.
+        already_complete: True when a resumed run had nothing left to train.
     """
 
     run_dir: Path
@@ -115,3 +117,4 @@ class RunResult:
     epochs: list[EpochRecord]
     files: list[Path] = field(default_factory=list)
     world_size: int = 1
+    already_complete: bool = False

@@ -15,7 +15,7 @@ from prunedoctor.train.events import RunOptions
 from prunedoctor.train.outputs import write_text_atomic
 from prunedoctor.train.resume import RESUME_FILE, load_resume_checkpoint
 
-__all__ = ["open_run_dir", "create_run_dir", "remove_run_outputs", "attach_run_log"]
+__all__ = ["open_run_dir", "create_run_dir", "remove_run_outputs", "list_run_outputs", "attach_run_log"]
 
 # Files that a fresh run with --force removes before it starts, so that no
 # output of an older run in the same folder is mistaken for this one's.
@@ -82,6 +82,15 @@ def remove_run_outputs(run_dir: Path) -> None:
     for folder in run_dir.glob("state_*"):
         if folder.is_dir():
             shutil.rmtree(folder)
+
+
+def list_run_outputs(run_dir: Path) -> list[Path]:
+    """Return every file that a run writes and that exists in ``run_dir``, sorted; other files are left out."""
+    files = [run_dir / name for name in _RUN_FILES if (run_dir / name).is_file()]
+    for folder in sorted(run_dir.glob("state_*")):
+        if folder.is_dir():
+            files += sorted(path for path in folder.rglob("*") if path.is_file())
+    return files
 
 
 def attach_run_log(run_dir: Path) -> logging.Handler:
