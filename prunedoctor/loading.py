@@ -1,10 +1,10 @@
 """The one checkpoint loader that every command uses.
 
 :func:`load_checkpoint` reads a torch zip file, a legacy torch pickle or a
-safetensors file (detected by content, not by extension), finds the state
-dict inside wrapper containers, strips ``module.`` and ``_orig_mod.``
-prefixes, and keeps the pruning reparametrization exactly as it is in the
-file. It never runs code from a pickle unless the caller passes
+safetensors file, detected by content, not by extension. It finds the state
+dict inside wrapper containers and strips ``module.`` and ``_orig_mod.``
+prefixes. The pruning reparametrization stays exactly as it is in the file.
+It never runs code from a pickle unless the caller passes
 ``unsafe_load=True``.
 """
 

@@ -3,7 +3,7 @@
 ``torch.nn.utils.prune`` replaces a parameter ``P`` by the parameter
 ``P_orig`` and the buffer ``P_mask``. The value that the module uses is
 ``P_orig * P_mask``, computed by a forward pre-hook and never saved, so a
-state dict of a pruned model holds ``blocks.0.attn.qkv.weight_orig`` and
+state dict of a pruned model contains ``blocks.0.attn.qkv.weight_orig`` and
 ``blocks.0.attn.qkv.weight_mask`` but no ``blocks.0.attn.qkv.weight``.
 
 Every other module asks :func:`effective_tensor` or
@@ -50,7 +50,7 @@ MASK_SUFFIX = "_mask"
 
 @dataclass
 class ReparamIndex:
-    """Where the reparametrized parameters of a state dict are.
+    """Locations of the reparametrized parameters, sidecar masks and orphans in a state dict.
 
     Attributes:
         pairs: Parameter name (``X.weight``) -> (``X.weight_orig``, ``X.weight_mask``).
@@ -620,7 +620,7 @@ class _ChunkCounter:
         fewer than 2**24 entries. torch.count_nonzero is several times slower
         on masks whose zeros are spread at random, because it branches per
         entry. ``torch.sign`` maps NaN to 0, hence the ``nan_free`` contract.
-        ``scratch`` says that ``chunk`` is this counter's buffer and may be
+        ``scratch`` marks ``chunk`` as this counter's buffer and may be
         overwritten.
         """
         import torch

@@ -355,7 +355,7 @@ def test_lr_format_keeps_usual_rates() -> None:
 @needs_cifar
 @pytest.mark.slow
 def test_resume_finished_run_loads_no_data(smoke_run: tuple[Path, str], tmp_path: Path) -> None:
-    """Resuming a finished run says so and exits 0 without reading the data set."""
+    """Resuming a finished run reports it complete and exits 0 without reading the data set."""
     run_dir, _ = smoke_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
