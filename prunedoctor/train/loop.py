@@ -285,12 +285,12 @@ class _Trainer:
     def _start_fresh(self) -> Position:
         config = self.config
         _logger.info(
-            "starting %s run in %s: %d states of %d epochs, rate %.3g, %s/%s/%s, %s on %s, %d process(es)",
+            "starting %s run in %s: states %d, epochs per state %d, rate %.3g, %s/%s/%s, %s on %s, processes %d",
             config.method, self.run_dir, config.iters, config.epochs, config.rate, config.criterion,
             config.sorting, config.target, config.model, self.device, self.context.world_size,
         )
         _logger.info(
-            "data: %s from %s, %d train, %d validation, %d test images; %d batches of %d per epoch",
+            "data: %s from %s, images: train %d, validation %d, test %d; batches per epoch %d (batch size %d)",
             config.dataset, self.splits.source, len(self.train_split), len(self.val_split), len(self.test_split),
             self.batches_per_epoch, config.batch_size,
         )
