@@ -11,9 +11,9 @@ Four sources give uint8 images in memory, decoded once per process:
 
 The validation split is the last ``val_size`` images of the training set, as
 in Structure-LTH. Image folders list files class by class, so their
-images are interleaved round-robin over the classes first (the first image of
-every class, then the second, ...): the validation split and a ``subset`` then
-have every class in about equal share.
+images are first interleaved round-robin over the classes: the first image of
+every class, then the second, and so on. The validation split and a
+``subset`` then have every class in about equal share.
 """
 
 from __future__ import annotations

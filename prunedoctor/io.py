@@ -149,7 +149,7 @@ def save_state_dict(
             directory is missing, writing failed, a dtype has no safetensors
             equivalent, or the re-read file differs from ``tensors``.
         TypeError: A key is not a string or a value is not a tensor.
-        ValueError: ``metadata`` was given for the ``pt`` format or holds a
+        ValueError: ``metadata`` was given for the ``pt`` format or contains a
             value that is not a string.
     """
     path = Path(path)
@@ -368,7 +368,7 @@ def _verify_file(temp_path: Path, file_format: OutputFormat, expected: Mapping[s
     """Re-read ``temp_path`` and compare every tensor with ``expected``, bit for bit.
 
     The file is memory-mapped and the pages of each tensor are released after
-    its comparison, so verifying holds about one tensor in memory.
+    its comparison, so verifying keeps about one tensor in memory.
     """
     from prunedoctor.loading import PageReleaser, load_torch_file
 

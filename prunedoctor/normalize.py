@@ -201,7 +201,7 @@ def normalize_checkpoint(
 
 
 def _has_nonfinite(tensor: torch.Tensor) -> bool:
-    """Whether a floating-point or complex tensor contains NaN or infinite values."""
+    """Return whether a floating-point or complex tensor contains NaN or infinite values."""
     if not (tensor.is_floating_point() or tensor.is_complex()):
         return False
     import torch

@@ -6,7 +6,7 @@
 state dict of a pruned model contains ``blocks.0.attn.qkv.weight_orig`` and
 ``blocks.0.attn.qkv.weight_mask`` but no ``blocks.0.attn.qkv.weight``.
 
-Every other module asks :func:`effective_tensor` or
+Every other module calls :func:`effective_tensor` or
 :func:`effective_state_dict` for weights, so no code path reads
 ``state_dict[name + '.weight']`` directly and no code path scores
 ``P_orig`` alone (which would bring pruned entries back).

@@ -48,7 +48,11 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Send the library's log records to stderr through rich, markup off."""
     from rich.logging import RichHandler
 
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     handler = RichHandler(console=stderr_console, markup=False, show_path=False, show_time=False)
     logger = logging.getLogger("prunedoctor")
     logger.handlers[:] = [handler]

@@ -1,9 +1,9 @@
 """Mini-batches for training and evaluation, reproducible from the seed alone.
 
 The order of every epoch and the augmentation of every batch come from
-generators seeded with ``(seed, state, epoch[, batch])``, so a run resumed at
-any batch gets exactly the batches of an uninterrupted run, whether batches
-are built in the main process or in DataLoader workers.
+generators seeded with ``(seed, state, epoch[, batch])``. A run resumed at any
+batch therefore gets exactly the batches of an uninterrupted run, whether
+batches are built in the main process or in DataLoader workers.
 
 Training batches get the CIFAR augmentation: a random crop of the image size from the image
 padded by 4 zero pixels on each side, and a horizontal flip with probability

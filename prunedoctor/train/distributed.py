@@ -122,7 +122,7 @@ def close_distributed(context: DistributedContext, *, wait_for_peers: bool = Tru
 
     With ``wait_for_peers``, every rank first waits at a barrier, so that no
     rank tears down its gloo connections while rank 0 is still writing the
-    last state; a rank that left early made its peers abort with SIGABRT.
+    last state. A rank that left early made its peers abort with SIGABRT.
     Pass False on an error path, where a peer may never reach the barrier.
     """
     if not (context.is_distributed and dist.is_initialized()):

@@ -106,8 +106,8 @@ class RunResult:
         run_dir: Run folder.
         states: One summary row per state.
         epochs: One row per epoch.
-        files: Every file of the run in the run folder (top-level files and the
-            files of each ``state_K`` folder); files of other origin are left out.
+        files: Every file that the run wrote in the run folder, at the top
+            level and in each ``state_K`` folder. Other files are left out.
         world_size: Number of processes that trained.
         already_complete: True when a resumed run had nothing left to train.
     """

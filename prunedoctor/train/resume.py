@@ -2,10 +2,10 @@
 
 ``RUN_DIR/resume.pt`` is rewritten atomically every ``--save-every-batches``
 batches, at the end of every epoch and after every state. It contains the model
-(with its ``*_orig``/``*_mask`` pairs), the optimizer and learning-rate
-schedule, the masks, the RSST penalty masks, the rewind point, the heads and
-neurons kept, the epoch's running sums, the history, the random number
-generator states and the position of the next batch.
+with its ``*_orig``/``*_mask`` pairs, the optimizer and learning-rate schedule,
+the masks, the RSST penalty masks and the rewind point. It also contains the
+heads and neurons kept, the epoch's running sums, the history, the random
+number generator states and the position of the next batch.
 """
 
 from __future__ import annotations
